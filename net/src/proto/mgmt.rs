@@ -1,0 +1,299 @@
+//! Management messages: versioned serde enums in length-prefixed frames.
+//!
+//! A frame is `length: u32 LE` (bytes after this field), `version: u16 LE`,
+//! then the postcard encoding of the message. The length is checked against
+//! [`MAX_FRAME_LEN`] before anything is allocated, and the version before the
+//! body is decoded.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::error::ProtoError;
+use super::header::{Epoch, VolumeId};
+
+/// Management protocol version carried in every frame.
+pub const MGMT_VERSION: u16 = 1;
+/// The largest management frame accepted (after the length field).
+pub const MAX_FRAME_LEN: u32 = 8 << 20;
+/// Bytes before the message body: length and version.
+pub const FRAME_PREFIX_LEN: usize = 6;
+
+/// What a certificate entitles its holder to; carried in the certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// A management server.
+    Mgmt,
+    /// A storage server.
+    Storage,
+    /// An application (driver) reading and writing volumes.
+    Client,
+    /// An operator changing the configuration map.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Mgmt, Role::Storage, Role::Client, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Mgmt => "mgmt",
+            Role::Storage => "storage",
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown role name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?} (expected one of mgmt, storage, client, admin)")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.to_string()))
+    }
+}
+
+/// State of one replica of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorState {
+    InSync,
+    OutOfSync,
+    Resyncing,
+}
+
+/// One replica of a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// The storage server's certificate name.
+    pub server: String,
+    /// Where its data service listens.
+    pub addr: SocketAddr,
+    pub state: MirrorState,
+}
+
+/// A range of pages `[first_page, end_page)` and its replicas (first = primary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    pub first_page: u64,
+    pub end_page: u64,
+    pub replicas: Vec<Replica>,
+}
+
+/// The slice of the configuration map a client or server needs for one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMap {
+    pub id: VolumeId,
+    pub name: String,
+    /// The epoch at which this volume's layout last changed.
+    pub epoch: Epoch,
+    pub size: u64,
+    pub page_size: u32,
+    pub partitions: Vec<Partition>,
+}
+
+/// Changes only an admin may make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    CreateVolume {
+        name: String,
+        size: u64,
+        page_size: u32,
+        replicas: u8,
+        /// Restrict placement to these servers (all servers when `None`).
+        servers: Option<Vec<String>>,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    ResizeVolume {
+        name: String,
+        size: u64,
+    },
+    SetPartition {
+        volume: String,
+        first_page: u64,
+        end_page: u64,
+        servers: Vec<String>,
+    },
+    RemoveServer {
+        name: String,
+        force: bool,
+    },
+    FenceClient {
+        volume: String,
+        client: String,
+    },
+    UnfenceClient {
+        volume: String,
+        client: String,
+    },
+}
+
+/// A request to a management server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MgmtRequest {
+    /// Liveness check; any role.
+    Ping,
+    /// A storage server announces itself (its name comes from its certificate).
+    Register {
+        data_addr: SocketAddr,
+        capacity: u64,
+    },
+    /// A storage server reports that it is alive and which epochs it holds.
+    Heartbeat { held: Vec<(VolumeId, Epoch)> },
+    /// Fetch one volume's map slice.
+    GetMap { volume: String },
+    /// Change the configuration map.
+    Admin(AdminCommand),
+}
+
+impl MgmtRequest {
+    /// Short name for logs and refusals.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            MgmtRequest::Ping => "ping",
+            MgmtRequest::Register { .. } => "register",
+            MgmtRequest::Heartbeat { .. } => "heartbeat",
+            MgmtRequest::GetMap { .. } => "get-map",
+            MgmtRequest::Admin(_) => "admin",
+        }
+    }
+
+    /// Whether a peer holding `role` may make this request.
+    pub fn permits(&self, role: Role) -> bool {
+        match self {
+            MgmtRequest::Ping => true,
+            MgmtRequest::Register { .. } | MgmtRequest::Heartbeat { .. } => role == Role::Storage,
+            MgmtRequest::GetMap { .. } => true,
+            MgmtRequest::Admin(_) => role == Role::Admin,
+        }
+    }
+}
+
+/// Why a management request was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("role {role} may not {operation}")]
+    Forbidden { role: Role, operation: String },
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: String, name: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: String, name: String },
+    #[error("invalid request: {reason}")]
+    Invalid { reason: String },
+    #[error("client {client:?} is fenced from volume {volume:?}")]
+    Fenced { volume: String, client: String },
+    #[error("management server unavailable: {reason}")]
+    Unavailable { reason: String },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+}
+
+/// A management server's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MgmtReply {
+    Pong {
+        epoch: Epoch,
+    },
+    Registered {
+        epoch: Epoch,
+    },
+    Map(VolumeMap),
+    /// An admin command was applied; the cluster is now at `epoch`.
+    Applied {
+        epoch: Epoch,
+    },
+    Refused(Refusal),
+}
+
+/// Encode `message` as one frame.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut out = vec![0u8; FRAME_PREFIX_LEN];
+    out = postcard::to_extend(message, out).map_err(|e| ProtoError::Encode {
+        reason: e.to_string(),
+    })?;
+    let length = u32::try_from(out.len() - 4)
+        .ok()
+        .filter(|len| *len <= MAX_FRAME_LEN)
+        .ok_or(ProtoError::Encode {
+            reason: format!("frame of {} bytes is over the maximum", out.len()),
+        })?;
+    out[..4].copy_from_slice(&length.to_le_bytes());
+    out[4..6].copy_from_slice(&MGMT_VERSION.to_le_bytes());
+    Ok(out)
+}
+
+/// The number of bytes that follow a frame's 4-byte length field, checked
+/// against [`MAX_FRAME_LEN`] so the caller may allocate that much.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
+    let length = u32::from_le_bytes(prefix);
+    if length > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge {
+            length,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    if (length as usize) < FRAME_PREFIX_LEN - 4 {
+        return Err(ProtoError::FrameTooShort { length });
+    }
+    Ok(length as usize)
+}
+
+/// Decode the part of a frame after its length field (version and body).
+pub fn decode_frame_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtoError> {
+    let Some((version, message)) = body.split_first_chunk::<2>() else {
+        return Err(ProtoError::FrameTooShort {
+            length: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        });
+    };
+    let version = u16::from_le_bytes(*version);
+    if version != MGMT_VERSION {
+        return Err(ProtoError::UnsupportedMgmtVersion {
+            found: version,
+            supported: MGMT_VERSION,
+        });
+    }
+    let (value, rest) = postcard::take_from_bytes(message).map_err(|e| ProtoError::Malformed {
+        reason: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(ProtoError::TrailingBytes { extra: rest.len() });
+    }
+    Ok(value)
+}
+
+/// Decode one whole frame from the front of `buf`; returns the message and
+/// the number of bytes it took. `Truncated` means more bytes are needed.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), ProtoError> {
+    let Some((prefix, rest)) = buf.split_first_chunk::<4>() else {
+        return Err(ProtoError::Truncated {
+            needed: 4,
+            available: buf.len(),
+        });
+    };
+    let length = frame_len(*prefix)?;
+    let Some(body) = rest.get(..length) else {
+        return Err(ProtoError::Truncated {
+            needed: 4 + length,
+            available: buf.len(),
+        });
+    };
+    Ok((decode_frame_body(body)?, 4 + length))
+}

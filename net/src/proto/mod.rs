@@ -1,0 +1,25 @@
+//! The wire protocol, sans-IO: no sockets, no async runtime.
+//!
+//! * [`header`]: the fixed data-path request and reply headers (zerocopy),
+//!   opcodes, statuses, crc32c payload checks and their validation.
+//! * [`mgmt`]: management messages (serde) in versioned, length-prefixed frames.
+//!
+//! Everything here reads untrusted bytes and returns a typed [`ProtoError`];
+//! nothing panics and nothing allocates from an unchecked length.
+
+pub mod error;
+pub mod header;
+pub mod mgmt;
+
+pub use error::ProtoError;
+pub use header::{
+    BLOCK_SIZE, Epoch, FLAG_FUA, MAX_ERROR_MESSAGE, MAX_IO_LEN, Opcode, REPLY_HEADER_LEN,
+    REQUEST_HEADER_LEN, Reply, Request, Status, VolumeId, checksum, parse_reply, parse_request,
+};
+pub use mgmt::{
+    AdminCommand, MAX_FRAME_LEN, MgmtReply, MgmtRequest, MirrorState, Partition, Refusal, Replica,
+    Role, VolumeMap, decode_frame, decode_frame_body, encode_frame, frame_len,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,396 @@
+//! Endpoints, authenticated connections, a connection pool and per-request streams.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use quinn::{RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, warn};
+
+use super::transport::{client_config, server_config};
+use super::{Alpn, PeerIdentity, QuicError, TlsIdentity, TransportTuning};
+use crate::proto::{
+    self, MgmtReply, MgmtRequest, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Refusal, Reply, Request,
+    Role,
+};
+
+/// A QUIC endpoint with the cluster's TLS identity: it accepts connections
+/// (when bound with server ALPNs) and dials peers.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    inner: quinn::Endpoint,
+    data_client: quinn::ClientConfig,
+    mgmt_client: quinn::ClientConfig,
+}
+
+impl Endpoint {
+    /// Bind a UDP socket at `addr` (port 0 picks a free one). With `serve`
+    /// empty the endpoint only dials out.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &TlsIdentity,
+        tuning: &TransportTuning,
+        serve: &[Alpn],
+    ) -> Result<Self, QuicError> {
+        let socket = udp_socket(addr, tuning)?;
+        let server = if serve.is_empty() {
+            None
+        } else {
+            Some(server_config(identity, tuning, serve)?)
+        };
+        let inner = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| QuicError::Socket {
+            action: "endpoint setup",
+            source,
+        })?;
+        Ok(Endpoint {
+            inner,
+            data_client: client_config(identity, tuning, Alpn::Data)?,
+            mgmt_client: client_config(identity, tuning, Alpn::Mgmt)?,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, QuicError> {
+        self.inner.local_addr().map_err(|source| QuicError::Socket {
+            action: "local_addr",
+            source,
+        })
+    }
+
+    /// The next incoming connection; `None` once the endpoint is closed.
+    /// Finish the handshake in its own task so that one slow peer holds up no other.
+    pub async fn accept(&self) -> Option<Handshake> {
+        self.inner
+            .accept()
+            .await
+            .map(|incoming| Handshake { incoming })
+    }
+
+    /// Dial `server_name` at `addr` and check that it holds `expected_role`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        alpn: Alpn,
+        expected_role: Role,
+    ) -> Result<PeerConnection, QuicError> {
+        let config = match alpn {
+            Alpn::Data => self.data_client.clone(),
+            Alpn::Mgmt => self.mgmt_client.clone(),
+        };
+        let conn = self.inner.connect_with(config, addr, server_name)?.await?;
+        let peer = peer_identity(&conn)?;
+        if peer.role != expected_role {
+            conn.close(CLOSE_WRONG_ROLE, b"wrong role");
+            return Err(QuicError::WrongPeerRole {
+                name: peer.name,
+                found: peer.role,
+                expected: expected_role,
+            });
+        }
+        Ok(PeerConnection { conn, peer, alpn })
+    }
+
+    /// Close every connection and stop accepting.
+    pub fn close(&self) {
+        self.inner.close(CLOSE_SHUTDOWN, b"shutdown");
+    }
+
+    /// Wait until every connection has been closed cleanly.
+    pub async fn wait_idle(&self) {
+        self.inner.wait_idle().await;
+    }
+}
+
+const CLOSE_SHUTDOWN: quinn::VarInt = quinn::VarInt::from_u32(0);
+const CLOSE_WRONG_ROLE: quinn::VarInt = quinn::VarInt::from_u32(1);
+
+fn udp_socket(
+    addr: SocketAddr,
+    tuning: &TransportTuning,
+) -> Result<std::net::UdpSocket, QuicError> {
+    let sock_err = |action| move |source| QuicError::Socket { action, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(sock_err("create"))?;
+    // The kernel caps these at net.core.{r,w}mem_max; a smaller buffer still works.
+    if let Err(e) = socket.set_recv_buffer_size(tuning.socket_recv_buffer) {
+        warn!(error = %e, "cannot set UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(tuning.socket_send_buffer) {
+        warn!(error = %e, "cannot set UDP send buffer");
+    }
+    socket.bind(&addr.into()).map_err(sock_err("bind"))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(sock_err("set_nonblocking"))?;
+    debug!(
+        %addr,
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket.into())
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, QuicError> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| QuicError::BadIdentity {
+            reason: "peer presented no certificate".into(),
+        })?;
+    let leaf = certs.first().ok_or_else(|| QuicError::BadIdentity {
+        reason: "empty certificate chain".into(),
+    })?;
+    PeerIdentity::from_der(leaf)
+}
+
+/// An incoming connection whose TLS handshake has not finished yet.
+#[derive(Debug)]
+pub struct Handshake {
+    incoming: quinn::Incoming,
+}
+
+impl Handshake {
+    pub fn remote_address(&self) -> SocketAddr {
+        self.incoming.remote_address()
+    }
+
+    /// Complete the handshake. A peer without a certificate from the cluster
+    /// CA fails here and never reaches a service.
+    pub async fn finish(self) -> Result<PeerConnection, QuicError> {
+        let conn = self.incoming.await?;
+        let peer = peer_identity(&conn)?;
+        let alpn = conn
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol.as_deref().and_then(Alpn::from_bytes))
+            .ok_or_else(|| QuicError::BadIdentity {
+                reason: "no Tessera ALPN negotiated".into(),
+            })?;
+        Ok(PeerConnection { conn, peer, alpn })
+    }
+}
+
+/// An established, mutually authenticated connection.
+#[derive(Debug, Clone)]
+pub struct PeerConnection {
+    conn: quinn::Connection,
+    peer: PeerIdentity,
+    alpn: Alpn,
+}
+
+impl PeerConnection {
+    /// Who is on the other end, read from its verified certificate.
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    pub fn alpn(&self) -> Alpn {
+        self.alpn
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    pub fn close(&self) {
+        self.conn.close(CLOSE_SHUTDOWN, b"closed");
+    }
+
+    /// Wait for the peer's next request stream; `None` when the connection ends.
+    pub async fn accept_stream(&self) -> Option<(SendStream, RecvStream)> {
+        match self.conn.accept_bi().await {
+            Ok(streams) => Some(streams),
+            Err(e) => {
+                debug!(peer = %self.peer, reason = %e, "connection ended");
+                None
+            }
+        }
+    }
+
+    /// Open a stream for one request.
+    pub async fn open_stream(&self) -> Result<(SendStream, RecvStream), QuicError> {
+        Ok(self.conn.open_bi().await?)
+    }
+
+    /// One management request and its reply, on a stream of its own.
+    pub async fn mgmt(&self, request: &MgmtRequest) -> Result<MgmtReply, QuicError> {
+        let (mut send, mut recv) = self.open_stream().await?;
+        write_frame(&mut send, request).await?;
+        read_frame(&mut recv).await
+    }
+
+    /// One data request and its reply, on a stream of its own. The reply
+    /// payload (read data or an error message) is checked against its crc32c.
+    pub async fn data(
+        &self,
+        request: &Request,
+        payload: &[u8],
+    ) -> Result<(Reply, Vec<u8>), QuicError> {
+        let (mut send, mut recv) = self.open_stream().await?;
+        send.write_all(&request.encode()).await?;
+        send.write_all(payload).await?;
+        send.finish()?;
+        let (reply, data) = read_reply(&mut recv).await?;
+        if reply.request_id != request.request_id {
+            return Err(QuicError::RequestIdMismatch {
+                sent: request.request_id,
+                received: reply.request_id,
+            });
+        }
+        Ok((reply, data))
+    }
+}
+
+/// Write one management frame and finish the stream.
+pub async fn write_frame<T: Serialize>(
+    send: &mut SendStream,
+    message: &T,
+) -> Result<(), QuicError> {
+    send.write_all(&proto::encode_frame(message)?).await?;
+    send.finish()?;
+    Ok(())
+}
+
+/// Read one management frame; the size is checked before the buffer is allocated.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut RecvStream) -> Result<T, QuicError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await?;
+    let mut body = vec![0u8; proto::frame_len(prefix)?];
+    recv.read_exact(&mut body).await?;
+    Ok(proto::decode_frame_body(&body)?)
+}
+
+/// Read and validate a data request header (the payload, if any, follows on `recv`).
+pub async fn read_request(recv: &mut RecvStream) -> Result<Request, QuicError> {
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    recv.read_exact(&mut header).await?;
+    Ok(proto::parse_request(&header)?.0)
+}
+
+/// Read a reply header and its payload, verifying the checksum.
+pub async fn read_reply(recv: &mut RecvStream) -> Result<(Reply, Vec<u8>), QuicError> {
+    let mut header = [0u8; REPLY_HEADER_LEN];
+    recv.read_exact(&mut header).await?;
+    let (reply, _) = proto::parse_reply(&header)?;
+    // Bounded by parse_reply: MAX_IO_LEN for data, MAX_ERROR_MESSAGE otherwise.
+    let mut payload = vec![0u8; reply.payload_len()];
+    recv.read_exact(&mut payload).await?;
+    reply.verify_payload(&payload)?;
+    Ok((reply, payload))
+}
+
+/// Write a reply header and payload and finish the stream.
+pub async fn write_reply(
+    send: &mut SendStream,
+    reply: &Reply,
+    payload: &[u8],
+) -> Result<(), QuicError> {
+    send.write_all(&reply.encode()).await?;
+    send.write_all(payload).await?;
+    send.finish()?;
+    Ok(())
+}
+
+/// Serve one management stream: read the request, refuse it unless the peer's
+/// role permits it, otherwise answer with `handler`. Every management service
+/// goes through here, so the role policy ([`MgmtRequest::permits`]) is applied
+/// in one place.
+pub async fn serve_mgmt_stream<F, Fut>(
+    peer: &PeerIdentity,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    handler: F,
+) -> Result<(), QuicError>
+where
+    F: FnOnce(MgmtRequest) -> Fut,
+    Fut: Future<Output = MgmtReply>,
+{
+    let reply = match read_frame::<MgmtRequest>(&mut recv).await {
+        Ok(request) if request.permits(peer.role) => handler(request).await,
+        Ok(request) => {
+            warn!(%peer, operation = request.operation(), "refused: role not permitted");
+            MgmtReply::Refused(Refusal::Forbidden {
+                role: peer.role,
+                operation: request.operation().to_string(),
+            })
+        }
+        Err(QuicError::Proto(e)) => {
+            warn!(%peer, error = %e, "malformed management request");
+            MgmtReply::Refused(Refusal::BadRequest {
+                reason: e.to_string(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    write_frame(&mut send, &reply).await
+}
+
+/// Reuses one connection per peer; many requests share it, each on its own stream.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    endpoint: Endpoint,
+    alpn: Alpn,
+    role: Role,
+    connections: Arc<Mutex<HashMap<SocketAddr, PeerConnection>>>,
+}
+
+impl Connector {
+    /// Connections over `alpn` to peers that must hold `role`.
+    pub fn new(endpoint: Endpoint, alpn: Alpn, role: Role) -> Self {
+        Connector {
+            endpoint,
+            alpn,
+            role,
+            connections: Arc::default(),
+        }
+    }
+
+    /// The open connection to `addr`, or a new one.
+    pub async fn get(&self, addr: SocketAddr, name: &str) -> Result<PeerConnection, QuicError> {
+        if let Some(conn) = self.cached(addr) {
+            if conn.peer.name == name {
+                return Ok(conn);
+            }
+        }
+        let fresh = self
+            .endpoint
+            .connect(addr, name, self.alpn, self.role)
+            .await?;
+        let mut connections = self.lock();
+        // Another task may have connected meanwhile: keep one connection per peer.
+        if let Some(existing) = connections.get(&addr) {
+            if !existing.is_closed() && existing.peer.name == name {
+                fresh.close();
+                return Ok(existing.clone());
+            }
+        }
+        connections.insert(addr, fresh.clone());
+        Ok(fresh)
+    }
+
+    fn cached(&self, addr: SocketAddr) -> Option<PeerConnection> {
+        self.lock().get(&addr).filter(|c| !c.is_closed()).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerConnection>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

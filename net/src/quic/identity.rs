@@ -1,0 +1,118 @@
+//! Who is on the other end: the role and name carried by a verified certificate.
+
+use std::fmt;
+use std::path::Path;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::QuicError;
+use super::certs::{CA_CERT_FILE, cert_paths, read_text};
+use crate::proto::Role;
+
+/// The identity a certificate carries: its holder's name and role.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerIdentity {
+    pub role: Role,
+    pub name: String,
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.role, self.name)
+    }
+}
+
+impl PeerIdentity {
+    /// Read role (subject OU) and name (subject CN) from a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, QuicError> {
+        let bad = |reason: String| QuicError::BadIdentity { reason };
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
+        let subject = cert.subject();
+        let name = subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or_else(|| bad("no common name".into()))?
+            .to_string();
+        let role = subject
+            .iter_organizational_unit()
+            .next()
+            .and_then(|ou| ou.as_str().ok())
+            .ok_or_else(|| bad("no organizational unit (role)".into()))?
+            .parse::<Role>()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(PeerIdentity { role, name })
+    }
+}
+
+/// This process's own TLS material: the cluster CA, its certificate and key.
+pub struct TlsIdentity {
+    pub(crate) ca: CertificateDer<'static>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+    me: PeerIdentity,
+}
+
+impl fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            me: self.me.clone(),
+        }
+    }
+}
+
+impl TlsIdentity {
+    /// Build from PEM text; `origin` names the source in errors.
+    pub fn from_pem(
+        ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        origin: &Path,
+    ) -> Result<Self, QuicError> {
+        let pem_err = |what: &str, e: rustls::pki_types::pem::Error| QuicError::Pem {
+            path: origin.to_path_buf(),
+            reason: format!("{what}: {e}"),
+        };
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| pem_err("CA", e))?;
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err("certificate", e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| pem_err("key", e))?;
+        let leaf = chain.first().ok_or_else(|| QuicError::Pem {
+            path: origin.to_path_buf(),
+            reason: "no certificate".into(),
+        })?;
+        let me = PeerIdentity::from_der(leaf)?;
+        Ok(TlsIdentity { ca, chain, key, me })
+    }
+
+    /// Load `ca.crt`, `NAME.crt` and `NAME.key` from a cluster directory.
+    pub fn load_dir(dir: &Path, name: &str) -> Result<Self, QuicError> {
+        let (cert, key) = cert_paths(dir, name);
+        Self::load(&dir.join(CA_CERT_FILE), &cert, &key)
+    }
+
+    /// Load from three PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, QuicError> {
+        Self::from_pem(&read_text(ca)?, &read_text(cert)?, &read_text(key)?, cert)
+    }
+
+    /// The identity this process presents to its peers.
+    pub fn me(&self) -> &PeerIdentity {
+        &self.me
+    }
+}

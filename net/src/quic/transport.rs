@@ -1,0 +1,157 @@
+//! QUIC and TLS configuration shared by every Tessera endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use serde::{Deserialize, Serialize};
+
+use super::{QuicError, TlsIdentity};
+use crate::proto::{MAX_IO_LEN, REQUEST_HEADER_LEN};
+
+/// The two application protocols, negotiated by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    /// Block I/O between drivers and storage servers, and between servers.
+    Data,
+    /// The configuration map: admin commands, registration, map fetches and pushes.
+    Mgmt,
+}
+
+impl Alpn {
+    pub const ALL: [Alpn; 2] = [Alpn::Data, Alpn::Mgmt];
+
+    pub fn as_bytes(self) -> &'static [u8] {
+        match self {
+            Alpn::Data => b"tessera-data/1",
+            Alpn::Mgmt => b"tessera-mgmt/1",
+        }
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_bytes() == bytes)
+    }
+}
+
+/// Transport settings, chosen for storage traffic: many small requests in
+/// flight at once plus bulk transfers of up to [`MAX_IO_LEN`] per request.
+/// Every field may be set in a server's TOML config; missing ones take these defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportTuning {
+    /// Bidirectional streams a peer may have open at once. Each request is one
+    /// stream, so this caps the queue depth of one connection; 4096 leaves room
+    /// for a QD32 workload from 100+ parallel tasks on one connection.
+    pub max_concurrent_streams: u32,
+    /// Receive window of one stream. It holds a whole maximal request
+    /// (header + 4 MiB payload) so a write never waits for window updates mid-request.
+    pub stream_window: u64,
+    /// Receive window of a whole connection: bytes in flight over all streams.
+    /// 64 MiB keeps 32 × 1 MiB writes plus their replies moving without stalls.
+    pub connection_window: u64,
+    /// Bytes this side may send before acknowledgement, over all streams.
+    pub send_window: u64,
+    /// Ping an idle connection this often (ms) so that it stays open and a dead
+    /// peer is noticed; well under `idle_timeout_ms`.
+    pub keep_alive_ms: u64,
+    /// A connection that hears nothing for this long (ms) is closed. It bounds how
+    /// long a vanished peer can hold requests; failover detection builds on it.
+    pub idle_timeout_ms: u64,
+    /// UDP receive buffer requested from the kernel (capped by `net.core.rmem_max`).
+    /// Larger buffers cut packet drops under bursts, which cost retransmits.
+    pub socket_recv_buffer: usize,
+    /// UDP send buffer requested from the kernel (capped by `net.core.wmem_max`).
+    pub socket_send_buffer: usize,
+    /// First UDP payload size tried; path MTU discovery raises it from there.
+    pub initial_mtu: u16,
+}
+
+impl Default for TransportTuning {
+    fn default() -> Self {
+        TransportTuning {
+            max_concurrent_streams: 4096,
+            stream_window: 2 * (REQUEST_HEADER_LEN as u64 + u64::from(MAX_IO_LEN)),
+            connection_window: 64 << 20,
+            send_window: 64 << 20,
+            keep_alive_ms: 2_000,
+            idle_timeout_ms: 10_000,
+            socket_recv_buffer: 8 << 20,
+            socket_send_buffer: 8 << 20,
+            initial_mtu: 1452,
+        }
+    }
+}
+
+impl TransportTuning {
+    pub(crate) fn transport_config(&self) -> Arc<TransportConfig> {
+        let mut config = TransportConfig::default();
+        config
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(varint(self.stream_window))
+            .receive_window(varint(self.connection_window))
+            .send_window(self.send_window)
+            .keep_alive_interval(Some(Duration::from_millis(self.keep_alive_ms)))
+            .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+                u32::try_from(self.idle_timeout_ms).unwrap_or(u32::MAX),
+            ))))
+            .initial_mtu(self.initial_mtu.max(1200))
+            .datagram_receive_buffer_size(None);
+        Arc::new(config)
+    }
+}
+
+fn varint(value: u64) -> VarInt {
+    VarInt::from_u64(value).unwrap_or(VarInt::MAX)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(identity: &TlsIdentity) -> Result<Arc<RootCertStore>, QuicError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(identity.ca.clone())?;
+    Ok(Arc::new(roots))
+}
+
+/// Server side: TLS 1.3, client certificates required and verified against the cluster CA.
+pub(crate) fn server_config(
+    identity: &TlsIdentity,
+    tuning: &TransportTuning,
+    alpns: &[Alpn],
+) -> Result<quinn::ServerConfig, QuicError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(identity)?, provider()).build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = alpns.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| QuicError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(tuning.transport_config());
+    Ok(config)
+}
+
+/// Client side: verifies the server against the cluster CA and presents our certificate.
+pub(crate) fn client_config(
+    identity: &TlsIdentity,
+    tuning: &TransportTuning,
+    alpn: Alpn,
+) -> Result<quinn::ClientConfig, QuicError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(identity)?)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+    let crypto = QuicClientConfig::try_from(tls)
+        .map_err(|e| QuicError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(tuning.transport_config());
+    Ok(config)
+}
