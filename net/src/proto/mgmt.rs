@@ -56,7 +56,7 @@ impl fmt::Display for Role {
 
 /// An unknown role name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown role {0:?} (expected one of mgmt, storage, client, admin)")]
+#[error("unknown role {0:?}: expected mgmt, storage, client or admin")]
 pub struct UnknownRole(pub String);
 
 impl FromStr for Role {

@@ -203,6 +203,11 @@ impl PeerConnection {
         self.conn.remote_address()
     }
 
+    /// Stable per-connection id (to tell whether two handles share one connection).
+    pub fn id(&self) -> usize {
+        self.conn.stable_id()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }
