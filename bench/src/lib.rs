@@ -1,1 +1,1 @@
-//! placeholder
+//! Benchmark harness (arrives with issue 7).

@@ -1,1 +1,1 @@
-//! placeholder
+//! Client library and NBD frontend (arrives with issue 5).

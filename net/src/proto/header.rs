@@ -309,7 +309,9 @@ impl Request {
                 max: MAX_IO_LEN,
             });
         }
-        if self.offset % u64::from(BLOCK_SIZE) != 0 || self.length % BLOCK_SIZE != 0 {
+        if !self.offset.is_multiple_of(u64::from(BLOCK_SIZE))
+            || !self.length.is_multiple_of(BLOCK_SIZE)
+        {
             return Err(ProtoError::Misaligned {
                 offset: self.offset,
                 length: self.length,

@@ -367,10 +367,8 @@ impl Connector {
 
     /// The open connection to `addr`, or a new one.
     pub async fn get(&self, addr: SocketAddr, name: &str) -> Result<PeerConnection, QuicError> {
-        if let Some(conn) = self.cached(addr) {
-            if conn.peer.name == name {
-                return Ok(conn);
-            }
+        if let Some(conn) = self.cached(addr).filter(|c| c.peer.name == name) {
+            return Ok(conn);
         }
         let fresh = self
             .endpoint
@@ -378,11 +376,13 @@ impl Connector {
             .await?;
         let mut connections = self.lock();
         // Another task may have connected meanwhile: keep one connection per peer.
-        if let Some(existing) = connections.get(&addr) {
-            if !existing.is_closed() && existing.peer.name == name {
-                fresh.close();
-                return Ok(existing.clone());
-            }
+        if let Some(existing) = connections
+            .get(&addr)
+            .filter(|c| !c.is_closed() && c.peer.name == name)
+        {
+            let existing = existing.clone();
+            fresh.close();
+            return Ok(existing);
         }
         connections.insert(addr, fresh.clone());
         Ok(fresh)
