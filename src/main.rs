@@ -9,6 +9,9 @@ use tessera_net::proto::Role;
 use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
 use tracing_subscriber::EnvFilter;
 
+mod storage;
+mod tls;
+
 /// Tessera: distributed block storage with epoch-fenced mirrors over QUIC.
 ///
 /// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug or
@@ -28,6 +31,8 @@ enum Command {
     /// Issue certificates signed by the cluster CA.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Run a storage server, or format its data file (`tessera storage format`).
+    Storage(Box<storage::StorageCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Cluster(ClusterCommand::Init(args)) => cluster_init(args),
         Command::Cert(CertCommand::Issue(args)) => cert_issue(args),
+        Command::Storage(command) => storage::run(*command),
     }
 }
 

@@ -1,1 +1,21 @@
-//! Storage server: io_uring O_DIRECT engine, on-disk format, epoch comparator (arrives with issue 3).
+//! The Tessera storage server.
+//!
+//! * [`format`]: the on-disk format (pure encode and decode).
+//! * [`io`]: the switchable I/O engine (io_uring with O_DIRECT, or plain files).
+//! * [`store`]: volumes, epochs, thin-provisioned chunks and data I/O.
+//! * [`server`]: opening a device, and the QUIC data and management service.
+
+pub mod aligned;
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod io;
+pub mod server;
+pub mod store;
+
+pub use error::EngineError;
+
+// Offsets and lengths convert between u64 and usize freely: io_uring storage
+// servers run on 64-bit Linux only.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("tessera-engine needs a 64-bit target");

@@ -162,6 +162,10 @@ pub enum MgmtRequest {
     GetMap { volume: String },
     /// Change the configuration map.
     Admin(AdminCommand),
+    /// Management server to storage server: the new map slice of a volume.
+    /// Acknowledged with `Applied` once the server holds the new epoch durably
+    /// and no request admitted under the old one is still running.
+    PushMap { map: VolumeMap },
 }
 
 impl MgmtRequest {
@@ -173,6 +177,7 @@ impl MgmtRequest {
             MgmtRequest::Heartbeat { .. } => "heartbeat",
             MgmtRequest::GetMap { .. } => "get-map",
             MgmtRequest::Admin(_) => "admin",
+            MgmtRequest::PushMap { .. } => "push-map",
         }
     }
 
@@ -183,6 +188,7 @@ impl MgmtRequest {
             MgmtRequest::Register { .. } | MgmtRequest::Heartbeat { .. } => role == Role::Storage,
             MgmtRequest::GetMap { .. } => true,
             MgmtRequest::Admin(_) => role == Role::Admin,
+            MgmtRequest::PushMap { .. } => role == Role::Mgmt,
         }
     }
 }

@@ -267,6 +267,7 @@ fn role_policy() {
                     role == Role::Storage
                 }
                 MgmtRequest::Admin(_) => role == Role::Admin,
+                MgmtRequest::PushMap { .. } => role == Role::Mgmt,
             };
             assert_eq!(request.permits(role), expected, "{request:?} by {role}");
         }

@@ -247,9 +247,17 @@ impl PeerConnection {
         payload: &[u8],
     ) -> Result<(Reply, Vec<u8>), QuicError> {
         let (mut send, mut recv) = self.open_stream().await?;
-        send.write_all(&request.encode()).await?;
-        send.write_all(payload).await?;
-        send.finish()?;
+        let sent = match send.write_all(&request.encode()).await {
+            Ok(()) => send.write_all(payload).await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => send.finish()?,
+            // A server refusing a request (stale epoch, bad header) answers at
+            // once and stops reading; its reply is still waiting.
+            Err(quinn::WriteError::Stopped(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         let (reply, data) = read_reply(&mut recv).await?;
         if reply.request_id != request.request_id {
             return Err(QuicError::RequestIdMismatch {

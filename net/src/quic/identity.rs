@@ -1,7 +1,9 @@
 //! Who is on the other end: the role and name carried by a verified certificate.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -111,8 +113,45 @@ impl TlsIdentity {
         Self::from_pem(&read_text(ca)?, &read_text(cert)?, &read_text(key)?, cert)
     }
 
+    /// The cluster's identity: SHA-256 of the CA certificate. Storage servers
+    /// record it on disk so that a data file of another cluster is refused.
+    pub fn cluster_id(&self) -> [u8; 32] {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &self.ca);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(digest.as_ref());
+        id
+    }
+
     /// The identity this process presents to its peers.
     pub fn me(&self) -> &PeerIdentity {
         &self.me
+    }
+}
+
+/// Where a process finds its TLS material; part of every server's config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This process's certificate.
+    pub cert: PathBuf,
+    /// This process's private key.
+    pub key: PathBuf,
+}
+
+impl TlsPaths {
+    /// The files `tessera cert issue` writes for `name` into a cluster directory.
+    pub fn in_dir(dir: &Path, name: &str) -> Self {
+        let (cert, key) = cert_paths(dir, name);
+        TlsPaths {
+            ca: dir.join(CA_CERT_FILE),
+            cert,
+            key,
+        }
+    }
+
+    pub fn load(&self) -> Result<TlsIdentity, QuicError> {
+        TlsIdentity::load(&self.ca, &self.cert, &self.key)
     }
 }

@@ -17,5 +17,7 @@ pub use endpoint::{
     serve_mgmt_stream, write_frame, write_reply,
 };
 pub use error::QuicError;
+pub use identity::TlsPaths;
 pub use identity::{PeerIdentity, TlsIdentity};
+pub use quinn::{RecvStream, SendStream, VarInt};
 pub use transport::{Alpn, TransportTuning};

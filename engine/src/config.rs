@@ -1,0 +1,90 @@
+//! Storage server configuration: a TOML file, every field optional.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tessera_net::quic::{TlsPaths, TransportTuning};
+use tessera_net::units::ByteSize;
+
+use crate::error::EngineError;
+use crate::format::{DEFAULT_MAX_VOLUMES, DEFAULT_SLOT_SIZE};
+use crate::io::IoEngine;
+
+/// Settings of `tessera storage`; the file is TOML, command-line flags override it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Data file or block device.
+    pub data: PathBuf,
+    /// Size of a data file created or extended on first start (devices keep their size).
+    pub size: ByteSize,
+    /// Where the data and management service listens (QUIC, UDP).
+    pub listen: SocketAddr,
+    /// `uring` (io_uring, O_DIRECT) or `std` (page cache; only for tmpfs and the like).
+    pub io_engine: IoEngine,
+    /// Allocation unit of thin provisioning, set at format time.
+    pub slot_size: ByteSize,
+    /// Capacity of the volume table, set at format time.
+    pub max_volumes: u32,
+    pub tls: TlsPaths,
+    pub transport: TransportTuning,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data: PathBuf::from("tessera-data.img"),
+            size: ByteSize(10 << 30),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            io_engine: IoEngine::Uring,
+            slot_size: ByteSize(u64::from(DEFAULT_SLOT_SIZE)),
+            max_volumes: DEFAULT_MAX_VOLUMES,
+            tls: TlsPaths::default(),
+            transport: TransportTuning::default(),
+        }
+    }
+}
+
+impl StorageConfig {
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+            op: "read config",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| EngineError::Config {
+            reason: format!("{}: {}", path.display(), e.message()),
+        })
+    }
+
+    pub fn slot_size(&self) -> Result<u32, EngineError> {
+        u32::try_from(self.slot_size.0).map_err(|_| EngineError::Config {
+            reason: format!("slot size {} is too large", self.slot_size),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn partial_file_takes_defaults() {
+        let config: StorageConfig = toml::from_str(
+            "data = \"/srv/t.img\"\nsize = \"20G\"\nio_engine = \"std\"\n[transport]\nidle_timeout_ms = 5000\n",
+        )
+        .unwrap();
+        assert_eq!(config.size, ByteSize(20 << 30));
+        assert_eq!(config.io_engine, IoEngine::Std);
+        assert_eq!(config.transport.idle_timeout_ms, 5000);
+        assert_eq!(config.max_volumes, DEFAULT_MAX_VOLUMES);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<StorageConfig>("sise = \"1G\"").unwrap_err();
+        assert!(err.message().contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,159 @@
+//! The switchable I/O engine: io_uring with O_DIRECT by default, plain file
+//! I/O only for filesystems that refuse O_DIRECT (tmpfs).
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio_uring::buf::BoundedBuf;
+
+use crate::aligned::AlignedBuf;
+
+/// Block I/O on one file or device. Methods take and give back owned
+/// buffers, as io_uring needs the memory to stay put until completion.
+#[allow(async_fn_in_trait)] // every task runs on one thread: no Send bound is wanted
+pub trait BlockDevice {
+    /// Fill `buf[range]` from the device at byte `pos`.
+    async fn read_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf);
+    /// Write `buf[range]` to the device at byte `pos`.
+    async fn write_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf);
+    /// Make completed writes durable (fdatasync).
+    async fn sync_data(&self) -> io::Result<()>;
+}
+
+/// Which engine a server uses; set in its config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoEngine {
+    /// io_uring with O_DIRECT (the page cache is bypassed).
+    #[default]
+    Uring,
+    /// Positioned reads and writes on a plain file descriptor, through the
+    /// page cache; for filesystems without O_DIRECT such as tmpfs.
+    Std,
+}
+
+impl std::str::FromStr for IoEngine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uring" => Ok(IoEngine::Uring),
+            "std" => Ok(IoEngine::Std),
+            other => Err(format!(
+                "unknown I/O engine {other:?}: expected uring or std"
+            )),
+        }
+    }
+}
+
+/// io_uring on a file opened with O_DIRECT.
+#[derive(Debug)]
+pub struct UringDevice {
+    file: tokio_uring::fs::File,
+}
+
+impl UringDevice {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        Ok(UringDevice {
+            file: tokio_uring::fs::File::from_std(file),
+        })
+    }
+}
+
+impl BlockDevice for UringDevice {
+    async fn read_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let (result, slice) = self.file.read_exact_at(buf.slice(range), pos).await;
+        (result, slice.into_inner())
+    }
+
+    async fn write_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let (result, slice) = self.file.write_all_at(buf.slice(range), pos).await;
+        (result, slice.into_inner())
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data().await
+    }
+}
+
+/// Plain positioned I/O; each call blocks the server's thread for its duration,
+/// which on tmpfs is a memory copy.
+#[derive(Debug)]
+pub struct StdDevice {
+    file: File,
+}
+
+impl StdDevice {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(StdDevice { file })
+    }
+}
+
+fn range_error() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "range outside the buffer")
+}
+
+impl BlockDevice for StdDevice {
+    async fn read_at(
+        &self,
+        mut buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let result = match buf.get_mut(range) {
+            Some(dst) => self.file.read_exact_at(dst, pos),
+            None => Err(range_error()),
+        };
+        (result, buf)
+    }
+
+    async fn write_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let result = match buf.get(range) {
+            Some(src) => self.file.write_all_at(src, pos),
+            None => Err(range_error()),
+        };
+        (result, buf)
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}

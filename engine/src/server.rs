@@ -1,0 +1,462 @@
+//! Opening the device and serving it over QUIC.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::rc::Rc;
+
+use tessera_net::proto::{
+    self, Epoch, MgmtReply, MgmtRequest, Opcode, REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply,
+    Request, Role, Status, VolumeId,
+};
+use tessera_net::quic::{
+    Alpn, Endpoint, PeerConnection, PeerIdentity, RecvStream, SendStream, TlsIdentity, VarInt,
+    serve_mgmt_stream,
+};
+use tracing::{debug, info, warn};
+
+use crate::aligned::AlignedBuf;
+use crate::config::StorageConfig;
+use crate::error::EngineError;
+use crate::format::{Geometry, Superblock, SuperblockFault};
+use crate::io::{BlockDevice, IoEngine, StdDevice, UringDevice};
+use crate::store::{self, ReadPiece, Refusal, Store};
+
+/// The device behind a store, as chosen by the config.
+#[derive(Debug)]
+pub enum AnyDevice {
+    Uring(UringDevice),
+    Std(StdDevice),
+}
+
+impl BlockDevice for AnyDevice {
+    async fn read_at(
+        &self,
+        buf: AlignedBuf,
+        range: std::ops::Range<usize>,
+        pos: u64,
+    ) -> (std::io::Result<()>, AlignedBuf) {
+        match self {
+            AnyDevice::Uring(d) => d.read_at(buf, range, pos).await,
+            AnyDevice::Std(d) => d.read_at(buf, range, pos).await,
+        }
+    }
+
+    async fn write_at(
+        &self,
+        buf: AlignedBuf,
+        range: std::ops::Range<usize>,
+        pos: u64,
+    ) -> (std::io::Result<()>, AlignedBuf) {
+        match self {
+            AnyDevice::Uring(d) => d.write_at(buf, range, pos).await,
+            AnyDevice::Std(d) => d.write_at(buf, range, pos).await,
+        }
+    }
+
+    async fn sync_data(&self) -> std::io::Result<()> {
+        match self {
+            AnyDevice::Uring(d) => d.sync_data().await,
+            AnyDevice::Std(d) => d.sync_data().await,
+        }
+    }
+}
+
+/// What to do with a device that does not hold this server's superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatPolicy {
+    /// Format only a blank device (a new file, or one of zeroes): the default on start.
+    IfBlank,
+    /// Format whatever is there (`tessera storage format --force`).
+    Force,
+}
+
+/// Create the data file if missing, or extend a blank one to `size`; returns the device size.
+fn prepare(path: &Path, size: u64) -> Result<u64, EngineError> {
+    let err = |op| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { op, path, source }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(err("open"))?;
+    let meta = file.metadata().map_err(err("stat"))?;
+    if !meta.file_type().is_file() {
+        // A block device keeps its size.
+        let mut file = file;
+        return std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(err("size"));
+    }
+    if meta.len() < size && superblock_is_blank(&file) {
+        file.set_len(size).map_err(err("extend"))?;
+        // Reserve the space now so the server cannot run out of it later;
+        // filesystems without fallocate keep a sparse file.
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+        if rc != 0 {
+            debug!(error = %std::io::Error::last_os_error(), "fallocate unavailable");
+        }
+        return Ok(size);
+    }
+    Ok(meta.len())
+}
+
+fn superblock_is_blank(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut first = vec![0u8; 2 * crate::format::BLOCK as usize];
+    match file.read_at(&mut first, 0) {
+        Ok(n) => first[..n].iter().all(|b| *b == 0),
+        Err(_) => false,
+    }
+}
+
+/// Hold an exclusive lock on the data file for the life of the process, so
+/// that a second server on the same file fails instead of corrupting it.
+fn lock_exclusive(path: &Path) -> Result<std::fs::File, EngineError> {
+    let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+        op: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(EngineError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+fn open_device(path: &Path, engine: IoEngine) -> Result<AnyDevice, EngineError> {
+    let result = match engine {
+        IoEngine::Uring => UringDevice::open(path).map(AnyDevice::Uring),
+        IoEngine::Std => StdDevice::open(path).map(AnyDevice::Std),
+    };
+    result.map_err(|source| {
+        if source.raw_os_error() == Some(libc::EINVAL) && engine == IoEngine::Uring {
+            EngineError::Config {
+                reason: format!(
+                    "{}: O_DIRECT is not supported on this filesystem (tmpfs?); put the data on a disk or set io_engine = \"std\"",
+                    path.display()
+                ),
+            }
+        } else {
+            EngineError::Io {
+                op: "open",
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Open (and on first start format) the store for `identity`. Must run
+/// inside a tokio-uring runtime.
+pub async fn open_store(
+    config: &StorageConfig,
+    identity: &TlsIdentity,
+    policy: FormatPolicy,
+) -> Result<Store<AnyDevice>, EngineError> {
+    let path = &config.data;
+    let device_size = prepare(path, config.size.0)?;
+    let lock = lock_exclusive(path)?;
+    let dev = open_device(path, config.io_engine)?;
+    let cluster_id = identity.cluster_id();
+    let me = &identity.me().name;
+    let fresh = |dev_size| -> Result<Superblock, EngineError> {
+        let geometry = Geometry::compute(dev_size, config.slot_size()?, config.max_volumes)
+            .map_err(|reason| EngineError::Config { reason })?;
+        Ok(Superblock {
+            geometry,
+            cluster_id,
+            server_name: me.clone(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    };
+    let found = store::read_superblock(&dev, path).await?;
+    let superblock = match (found, policy) {
+        (Ok(sb), FormatPolicy::IfBlank) => {
+            if sb.cluster_id != cluster_id {
+                return Err(EngineError::ClusterMismatch {
+                    path: path.clone(),
+                    expected: hex(&cluster_id),
+                    found: hex(&sb.cluster_id),
+                });
+            }
+            if &sb.server_name != me {
+                return Err(EngineError::ServerMismatch {
+                    path: path.clone(),
+                    expected: me.clone(),
+                    found: sb.server_name,
+                });
+            }
+            if sb.geometry.device_size != device_size {
+                warn!(
+                    formatted = sb.geometry.device_size,
+                    now = device_size,
+                    "device size differs from the formatted size; using the formatted layout"
+                );
+            }
+            sb
+        }
+        (Err(SuperblockFault::Version(found)), FormatPolicy::IfBlank) => {
+            return Err(EngineError::FormatVersion {
+                path: path.clone(),
+                found,
+                supported: crate::format::FORMAT_VERSION,
+            });
+        }
+        (Err(SuperblockFault::NoMagic), FormatPolicy::IfBlank) => {
+            return Err(EngineError::ForeignData { path: path.clone() });
+        }
+        (Err(SuperblockFault::Damaged), FormatPolicy::IfBlank) => {
+            return Err(EngineError::SuperblockDamaged { path: path.clone() });
+        }
+        (Err(SuperblockFault::Blank), _) | (_, FormatPolicy::Force) => {
+            let sb = fresh(device_size)?;
+            info!(
+                path = %path.display(),
+                size = device_size,
+                slots = sb.geometry.slot_count,
+                "formatting"
+            );
+            store::format(&dev, path, &sb).await?;
+            sb
+        }
+    };
+    Store::open(dev, lock, path, superblock).await
+}
+
+/// Serve the store on `endpoint` until it is closed.
+pub async fn serve(store: Rc<Store<AnyDevice>>, endpoint: Endpoint) {
+    while let Some(handshake) = endpoint.accept().await {
+        let store = store.clone();
+        tokio_uring::spawn(async move {
+            let remote = handshake.remote_address();
+            match handshake.finish().await {
+                Ok(conn) => {
+                    debug!(peer = %conn.peer(), %remote, alpn = ?conn.alpn(), "connected");
+                    serve_connection(store, conn).await;
+                }
+                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(store: Rc<Store<AnyDevice>>, conn: PeerConnection) {
+    while let Some((send, recv)) = conn.accept_stream().await {
+        let store = store.clone();
+        let peer = conn.peer().clone();
+        match conn.alpn() {
+            Alpn::Data => {
+                tokio_uring::spawn(serve_data_stream(store, peer, send, recv));
+            }
+            Alpn::Mgmt => {
+                tokio_uring::spawn(async move {
+                    let handled = serve_mgmt_stream(&peer, send, recv, |request| async move {
+                        match request {
+                            MgmtRequest::PushMap { map } => store.handle_push(&map).await,
+                            MgmtRequest::Ping => MgmtReply::Pong {
+                                epoch: store
+                                    .volumes()
+                                    .iter()
+                                    .map(|v| v.epoch())
+                                    .max()
+                                    .unwrap_or(Epoch(0)),
+                            },
+                            other => MgmtReply::Refused(MgmtRefusal::Invalid {
+                                reason: format!(
+                                    "a storage server does not serve {}",
+                                    other.operation()
+                                ),
+                            }),
+                        }
+                    })
+                    .await;
+                    if let Err(e) = handled {
+                        debug!(%peer, error = %e, "management stream failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Bytes of zeroes to send for unwritten ranges without allocating them.
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+
+async fn serve_data_stream(
+    store: Rc<Store<AnyDevice>>,
+    peer: PeerIdentity,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    if let Err(e) = recv.read_exact(&mut raw).await {
+        debug!(%peer, error = %e, "request stream ended before its header");
+        return;
+    }
+    let request = match proto::parse_request(&raw) {
+        Ok((request, _)) => request,
+        Err(e) => {
+            warn!(%peer, error = %e, "malformed request");
+            let request_id = u64::from_le_bytes(raw[40..48].try_into().unwrap_or_default());
+            let refusal = Refusal {
+                status: e.status(),
+                epoch: Epoch(0),
+                message: e.to_string(),
+            };
+            refuse(&mut send, &mut recv, request_id, &refusal).await;
+            return;
+        }
+    };
+    let outcome = if matches!(peer.role, Role::Client | Role::Storage) {
+        execute(&store, &request, &mut recv).await
+    } else {
+        Err(Refusal {
+            status: Status::Forbidden,
+            epoch: Epoch(0),
+            message: format!("role {} may not send data requests", peer.role),
+        })
+    };
+    let result = match outcome {
+        Ok((epoch, pieces)) => send_pieces(&mut send, &request, epoch, &pieces).await,
+        Err(refusal) => {
+            debug!(%peer, id = request.request_id, status = ?refusal.status, message = %refusal.message, "refused");
+            refuse(&mut send, &mut recv, request.request_id, &refusal).await;
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "reply not delivered");
+    }
+}
+
+async fn execute(
+    store: &Store<AnyDevice>,
+    request: &Request,
+    recv: &mut RecvStream,
+) -> Result<(Epoch, Vec<ReadPiece>), Refusal> {
+    if request.opcode == Opcode::Ping && request.volume == VolumeId(0) {
+        return Ok((Epoch(0), Vec::new()));
+    }
+    let volume = store.lookup(request)?;
+    // Refuse before reading a payload or touching the disk...
+    store.check(&volume, request)?;
+    let payload = if request.opcode == Opcode::Write {
+        let mut buf = AlignedBuf::zeroed(request.payload_len());
+        recv.read_exact(&mut buf).await.map_err(|e| Refusal {
+            status: Status::BadRequest,
+            epoch: volume.epoch(),
+            message: format!("payload not received: {e}"),
+        })?;
+        request.verify_payload(&buf).map_err(|e| Refusal {
+            status: e.status(),
+            epoch: volume.epoch(),
+            message: e.to_string(),
+        })?;
+        Some(buf)
+    } else {
+        None
+    };
+    // ...and check again holding the epoch gate, which stays held until the I/O is done.
+    let _admitted = store.admit(&volume, request).await?;
+    let epoch = volume.epoch();
+    let pieces = match (request.opcode, payload) {
+        (Opcode::Read, _) => store.read(&volume, request.offset, request.length).await?,
+        (Opcode::Write, Some(data)) => {
+            store
+                .write(&volume, request.offset, data, request.fua())
+                .await?;
+            Vec::new()
+        }
+        (Opcode::Trim | Opcode::WriteZeroes, _) => {
+            store.zero(&volume, request.offset, request.length).await?;
+            Vec::new()
+        }
+        (Opcode::Flush, _) => {
+            store.flush().await.map_err(|e| Refusal {
+                status: Status::IoError,
+                epoch,
+                message: e.to_string(),
+            })?;
+            Vec::new()
+        }
+        (Opcode::Ping | Opcode::Write, _) => Vec::new(),
+    };
+    Ok((epoch, pieces))
+}
+
+fn piece_bytes(piece: &ReadPiece) -> impl Iterator<Item = &[u8]> {
+    let (data, zeroes): (&[u8], usize) = match piece {
+        ReadPiece::Data(buf) => (buf, 0),
+        ReadPiece::Zeroes(n) => (&[], *n),
+    };
+    std::iter::once(data).filter(|d| !d.is_empty()).chain(
+        (0..zeroes.div_ceil(ZEROES.len()))
+            .map(move |i| &ZEROES[..(zeroes - i * ZEROES.len()).min(ZEROES.len())]),
+    )
+}
+
+async fn send_pieces(
+    send: &mut SendStream,
+    request: &Request,
+    epoch: Epoch,
+    pieces: &[ReadPiece],
+) -> Result<(), tessera_net::quic::QuicError> {
+    let mut checksum = 0u32;
+    let mut length = 0usize;
+    for bytes in pieces.iter().flat_map(piece_bytes) {
+        checksum = crc32c::crc32c_append(checksum, bytes);
+        length += bytes.len();
+    }
+    let reply = Reply {
+        status: Status::Ok,
+        epoch,
+        request_id: request.request_id,
+        length: u32::try_from(length).unwrap_or(u32::MAX),
+        checksum,
+    };
+    send.write_all(&reply.encode()).await?;
+    for bytes in pieces.iter().flat_map(piece_bytes) {
+        send.write_all(bytes).await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+/// Answer with a refusal and stop reading whatever the peer still sends.
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, request_id: u64, refusal: &Refusal) {
+    let message = refusal.message.as_bytes();
+    let message = &message[..message.len().min(proto::MAX_ERROR_MESSAGE as usize)];
+    let reply = Reply::new(refusal.status, refusal.epoch, request_id, message);
+    let _ = recv.stop(VarInt::from_u32(0));
+    let delivered = async {
+        send.write_all(&reply.encode()).await?;
+        send.write_all(message).await?;
+        send.finish()?;
+        Ok::<(), tessera_net::quic::QuicError>(())
+    };
+    if let Err(e) = delivered.await {
+        debug!(error = %e, "refusal not delivered");
+    }
+}
+
+/// Print the line scripts and tests wait for, then flush stdout.
+pub fn announce(name: &str, addr: std::net::SocketAddr) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "tessera storage {name} serving on {addr}");
+    let _ = out.flush();
+}

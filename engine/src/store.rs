@@ -1,0 +1,727 @@
+//! The store: volumes, epochs, the page (chunk) table and data I/O on one device.
+//!
+//! Everything runs on one thread (tokio-uring), so in-memory tables live in
+//! `RefCell`s that are never borrowed across an `.await`. What must be
+//! serialized across awaits has its own async lock:
+//! * each metadata block: updates are applied and written one at a time;
+//! * each chunk: reads and writes share it, allocating or freeing its slot
+//!   takes it exclusively, so a slot is never reused under an in-flight I/O;
+//! * each volume's epoch gate: requests hold it shared from their epoch check
+//!   to completion, and a new epoch takes it exclusively, so once a map push
+//!   is acknowledged no request admitted under the old epoch is still running.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use tessera_net::proto::{Epoch, MgmtReply, Request, Status, VolumeId, VolumeMap};
+use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
+use tracing::{info, warn};
+
+use crate::aligned::AlignedBuf;
+use crate::error::EngineError;
+use crate::format::{
+    self, BLOCK, Geometry, SLOTS_PER_BLOCK, SlotEntry, Superblock, SuperblockFault, VolumeRecord,
+};
+use crate::io::BlockDevice;
+
+/// Why a data request is answered without being executed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: Status,
+    /// The server's epoch for the volume (0 if it does not hold the volume).
+    pub epoch: Epoch,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: Status, epoch: Epoch, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            epoch,
+            message: message.into(),
+        }
+    }
+}
+
+/// A piece of read data: bytes from the device, or a run of zeroes.
+#[derive(Debug)]
+pub enum ReadPiece {
+    Data(AlignedBuf),
+    Zeroes(usize),
+}
+
+struct MetaBlock {
+    seq: Cell<u64>,
+    lock: Mutex<()>,
+}
+
+/// A volume this server holds a part of.
+#[derive(Debug)]
+pub struct Volume {
+    pub id: VolumeId,
+    record_index: u64,
+    record: RefCell<VolumeRecord>,
+    gate: RwLock<()>,
+}
+
+impl Volume {
+    pub fn epoch(&self) -> Epoch {
+        self.record.borrow().epoch
+    }
+
+    pub fn record(&self) -> VolumeRecord {
+        self.record.borrow().clone()
+    }
+}
+
+/// Admission to a volume: holding it keeps the volume's epoch fixed.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+}
+
+type ChunkKey = (VolumeId, u64);
+
+pub struct Store<D> {
+    dev: D,
+    /// Holds the exclusive lock on the data file while the store is open.
+    _lock: std::fs::File,
+    path: PathBuf,
+    superblock: Superblock,
+    volume_blocks: Vec<MetaBlock>,
+    slot_blocks: Vec<MetaBlock>,
+    volumes: RefCell<HashMap<VolumeId, Rc<Volume>>>,
+    free_records: RefCell<BTreeSet<u64>>,
+    slot_table: RefCell<Vec<SlotEntry>>,
+    free_slots: RefCell<BTreeSet<u32>>,
+    chunks: RefCell<HashMap<ChunkKey, Rc<RwLock<Option<u32>>>>>,
+}
+
+impl<D> std::fmt::Debug for Store<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("server", &self.superblock.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> EngineError {
+    let path = path.to_path_buf();
+    move |source| EngineError::Io { op, path, source }
+}
+
+async fn read_blocks<D: BlockDevice>(
+    dev: &D,
+    path: &Path,
+    first: u64,
+    count: u64,
+) -> Result<AlignedBuf, EngineError> {
+    let len = usize::try_from(count * BLOCK).map_err(|_| EngineError::Config {
+        reason: "metadata area too large for memory".into(),
+    })?;
+    let (res, buf) = dev
+        .read_at(AlignedBuf::zeroed(len), 0..len, first * BLOCK)
+        .await;
+    res.map_err(io_err("read metadata of", path))?;
+    Ok(buf)
+}
+
+/// Read both superblock copies; the newest valid one wins, faults are classified.
+pub async fn read_superblock<D: BlockDevice>(
+    dev: &D,
+    path: &Path,
+) -> Result<Result<Superblock, SuperblockFault>, EngineError> {
+    let buf = read_blocks(dev, path, 0, 2).await?;
+    let a = Superblock::decode(&buf[..BLOCK as usize]);
+    let b = Superblock::decode(&buf[BLOCK as usize..]);
+    Ok(match (a, b) {
+        (Ok(sb), _) | (_, Ok(sb)) => Ok(sb),
+        (Err(SuperblockFault::Version(v)), _) | (_, Err(SuperblockFault::Version(v))) => {
+            Err(SuperblockFault::Version(v))
+        }
+        (Err(SuperblockFault::Blank), Err(SuperblockFault::Blank)) => Err(SuperblockFault::Blank),
+        (Err(SuperblockFault::Damaged), _) | (_, Err(SuperblockFault::Damaged)) => {
+            Err(SuperblockFault::Damaged)
+        }
+        _ => Err(SuperblockFault::NoMagic),
+    })
+}
+
+/// Write an empty metadata area and the superblock (both copies), then sync.
+pub async fn format<D: BlockDevice>(
+    dev: &D,
+    path: &Path,
+    sb: &Superblock,
+) -> Result<(), EngineError> {
+    const CHUNK: u64 = 1 << 20;
+    let meta = sb.geometry.metadata_blocks();
+    let (mut pos, end) = (meta.start * BLOCK, meta.end * BLOCK);
+    let mut zeroes = AlignedBuf::zeroed(CHUNK as usize);
+    while pos < end {
+        let n = (end - pos).min(CHUNK) as usize;
+        let (res, buf) = dev.write_at(zeroes, 0..n, pos).await;
+        res.map_err(io_err("format", path))?;
+        zeroes = buf;
+        pos += n as u64;
+    }
+    let encoded = sb
+        .encode()
+        .map_err(|reason| EngineError::Config { reason })?;
+    let mut block = AlignedBuf::zeroed(2 * BLOCK as usize);
+    block[..BLOCK as usize].copy_from_slice(&encoded);
+    block[BLOCK as usize..].copy_from_slice(&encoded);
+    let len = block.len();
+    let (res, _) = dev.write_at(block, 0..len, 0).await;
+    res.map_err(io_err("write superblock of", path))?;
+    dev.sync_data().await.map_err(io_err("sync", path))
+}
+
+impl<D: BlockDevice> Store<D> {
+    /// Load a formatted device: the volume table and the slot table.
+    pub async fn open(
+        dev: D,
+        lock: std::fs::File,
+        path: &Path,
+        superblock: Superblock,
+    ) -> Result<Self, EngineError> {
+        let g = superblock.geometry;
+        let path = path.to_path_buf();
+        let mut volumes = HashMap::new();
+        let mut free_records = BTreeSet::new();
+        let mut volume_blocks = Vec::new();
+        let table = read_blocks(&dev, &path, g.volume_table, 2 * u64::from(g.max_volumes)).await?;
+        for index in 0..u64::from(g.max_volumes) {
+            let (seq, payload) =
+                choose_copy(&table, index, Geometry::copy_a(g.volume_table, index))?;
+            volume_blocks.push(MetaBlock {
+                seq: Cell::new(seq),
+                lock: Mutex::new(()),
+            });
+            match VolumeRecord::decode(payload) {
+                Ok(Some(record)) => {
+                    let id = record.id;
+                    volumes.insert(
+                        id,
+                        Rc::new(Volume {
+                            id,
+                            record_index: index,
+                            record: RefCell::new(record),
+                            gate: RwLock::new(()),
+                        }),
+                    );
+                }
+                Ok(None) => {
+                    free_records.insert(index);
+                }
+                Err(reason) => {
+                    warn!(index, reason, "volume record is inconsistent");
+                    return Err(EngineError::MetadataDamaged {
+                        block: Geometry::copy_a(g.volume_table, index),
+                    });
+                }
+            }
+        }
+
+        let mut slot_table = Vec::with_capacity(g.slot_count as usize);
+        let mut slot_blocks = Vec::new();
+        let blocks = g.slot_table_blocks();
+        // Read the slot table in pieces of 512 logical blocks (4 MiB).
+        let mut first = 0;
+        while first < blocks {
+            let count = (blocks - first).min(512);
+            let area = read_blocks(&dev, &path, g.slot_table + 2 * first, 2 * count).await?;
+            for i in 0..count {
+                let index = first + i;
+                let (seq, payload) = choose_copy(&area, i, Geometry::copy_a(g.slot_table, index))?;
+                slot_blocks.push(MetaBlock {
+                    seq: Cell::new(seq),
+                    lock: Mutex::new(()),
+                });
+                let entries = (g.slot_count - index * SLOTS_PER_BLOCK).min(SLOTS_PER_BLOCK);
+                slot_table.extend(format::decode_slot_entries(payload, entries as usize));
+            }
+            first += count;
+        }
+
+        let mut chunks = HashMap::new();
+        let mut free_slots = BTreeSet::new();
+        for (slot, entry) in slot_table.iter().enumerate() {
+            let slot = u32::try_from(slot).map_err(|_| EngineError::Config {
+                reason: "more than 2^32 slots".into(),
+            })?;
+            if entry.volume == VolumeId(0) {
+                free_slots.insert(slot);
+            } else if chunks
+                .insert(
+                    (entry.volume, entry.chunk),
+                    Rc::new(RwLock::new(Some(slot))),
+                )
+                .is_some()
+            {
+                return Err(EngineError::MetadataDamaged {
+                    block: g.slot_table + 2 * (u64::from(slot) / SLOTS_PER_BLOCK),
+                });
+            }
+        }
+        info!(
+            path = %path.display(),
+            volumes = volumes.len(),
+            used_slots = chunks.len(),
+            free_slots = free_slots.len(),
+            "store opened"
+        );
+        Ok(Store {
+            dev,
+            _lock: lock,
+            path,
+            superblock,
+            volume_blocks,
+            slot_blocks,
+            volumes: RefCell::new(volumes),
+            free_records: RefCell::new(free_records),
+            slot_table: RefCell::new(slot_table),
+            free_slots: RefCell::new(free_slots),
+            chunks: RefCell::new(chunks),
+        })
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn volume(&self, id: VolumeId) -> Option<Rc<Volume>> {
+        self.volumes.borrow().get(&id).cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<Rc<Volume>> {
+        let mut all: Vec<_> = self.volumes.borrow().values().cloned().collect();
+        all.sort_by_key(|v| v.id);
+        all
+    }
+
+    /// Data slots in use and in total.
+    pub fn slot_usage(&self) -> (u64, u64) {
+        let g = self.superblock.geometry;
+        (
+            g.slot_count - self.free_slots.borrow().len() as u64,
+            g.slot_count,
+        )
+    }
+
+    /// Persist one logical metadata block: bump its sequence number and write
+    /// the copy that number selects. The caller holds the block's lock.
+    async fn write_meta(
+        &self,
+        block: &MetaBlock,
+        home: u64,
+        payload: &[u8],
+    ) -> Result<(), EngineError> {
+        let seq = block.seq.get() + 1;
+        let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+        format::encode_meta(seq, home, payload, &mut buf);
+        let (res, _) = self
+            .dev
+            .write_at(
+                buf,
+                0..BLOCK as usize,
+                (home + format::copy_for(seq)) * BLOCK,
+            )
+            .await;
+        res.map_err(io_err("write metadata of", &self.path))?;
+        block.seq.set(seq);
+        Ok(())
+    }
+
+    async fn write_volume_record(
+        &self,
+        index: u64,
+        record: &VolumeRecord,
+    ) -> Result<(), EngineError> {
+        let block = &self.volume_blocks[index as usize];
+        let _lock = block.lock.lock().await;
+        let payload = record
+            .encode()
+            .map_err(|count| EngineError::TooManyRanges {
+                volume: record.id,
+                count,
+                max: format::MAX_RANGES,
+            })?;
+        let home = Geometry::copy_a(self.superblock.geometry.volume_table, index);
+        self.write_meta(block, home, &payload).await
+    }
+
+    /// Set one slot-table entry durably.
+    async fn write_slot_entry(&self, slot: u32, entry: SlotEntry) -> Result<(), EngineError> {
+        let index = u64::from(slot) / SLOTS_PER_BLOCK;
+        let block = &self.slot_blocks[index as usize];
+        let _lock = block.lock.lock().await;
+        let range = (index * SLOTS_PER_BLOCK) as usize
+            ..(((index + 1) * SLOTS_PER_BLOCK) as usize).min(self.slot_table.borrow().len());
+        let previous = std::mem::replace(&mut self.slot_table.borrow_mut()[slot as usize], entry);
+        let payload = format::encode_slot_entries(&self.slot_table.borrow()[range]);
+        let home = Geometry::copy_a(self.superblock.geometry.slot_table, index);
+        let result = self.write_meta(block, home, &payload).await;
+        if result.is_err() {
+            self.slot_table.borrow_mut()[slot as usize] = previous;
+        }
+        result
+    }
+
+    /// Apply a map slice pushed by the management server: record the volume's
+    /// epoch, size and the page ranges this server holds. Waits until requests
+    /// admitted under the previous epoch have finished; returns the new epoch
+    /// once it is durable.
+    pub async fn apply_map(&self, map: &VolumeMap) -> Result<Epoch, EngineError> {
+        let me = &self.superblock.server_name;
+        let ranges = owned_ranges(map, me);
+        let record = VolumeRecord {
+            id: map.id,
+            epoch: map.epoch,
+            size: map.size,
+            page_size: map.page_size,
+            ranges,
+        };
+        if map.page_size == 0 || u64::from(map.page_size) % BLOCK != 0 {
+            return Err(EngineError::Config {
+                reason: format!("page size {} is not a multiple of {BLOCK}", map.page_size),
+            });
+        }
+        if let Some(volume) = self.volume(map.id) {
+            let _exclusive = volume.gate.write().await;
+            let current = volume.epoch();
+            if map.epoch < current {
+                return Err(EngineError::EpochRegression {
+                    volume: map.id,
+                    current,
+                    pushed: map.epoch,
+                });
+            }
+            if *volume.record.borrow() != record {
+                self.write_volume_record(volume.record_index, &record)
+                    .await?;
+                info!(volume = %map.id, from = %current, to = %map.epoch, "epoch changed");
+                *volume.record.borrow_mut() = record;
+            }
+            return Ok(map.epoch);
+        }
+        let index =
+            self.free_records
+                .borrow_mut()
+                .pop_first()
+                .ok_or(EngineError::TooManyVolumes {
+                    max: self.superblock.geometry.max_volumes,
+                })?;
+        if let Err(e) = self.write_volume_record(index, &record).await {
+            self.free_records.borrow_mut().insert(index);
+            return Err(e);
+        }
+        info!(volume = %map.id, epoch = %map.epoch, name = %map.name, "volume assigned");
+        self.volumes.borrow_mut().insert(
+            map.id,
+            Rc::new(Volume {
+                id: map.id,
+                record_index: index,
+                record: RefCell::new(record),
+                gate: RwLock::new(()),
+            }),
+        );
+        Ok(map.epoch)
+    }
+
+    /// The checks every data request passes before any disk I/O: the volume
+    /// is held, the epoch matches, the range lies inside the volume and in
+    /// pages this server holds. Does not wait; see [`Store::admit`].
+    pub fn check(&self, volume: &Volume, request: &Request) -> Result<(), Refusal> {
+        let record = volume.record.borrow();
+        if request.epoch != record.epoch {
+            return Err(Refusal::new(
+                Status::StaleEpoch,
+                record.epoch,
+                format!(
+                    "request epoch {} is not the volume's {}",
+                    request.epoch, record.epoch
+                ),
+            ));
+        }
+        if !request.opcode.has_range() {
+            return Ok(());
+        }
+        if request.end() > record.size {
+            return Err(Refusal::new(
+                Status::OutOfRange,
+                record.epoch,
+                format!(
+                    "range ends at {} past the volume size {}",
+                    request.end(),
+                    record.size
+                ),
+            ));
+        }
+        let page = u64::from(record.page_size);
+        let (first, last) = (request.offset / page, (request.end() - 1) / page);
+        if !record.ranges.iter().any(|(a, b)| *a <= first && last < *b) {
+            return Err(Refusal::new(
+                Status::NotOwner,
+                record.epoch,
+                format!("pages {first}..={last} are not held by this server"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Look up the volume of a request, failing with NOT_OWNER.
+    pub fn lookup(&self, request: &Request) -> Result<Rc<Volume>, Refusal> {
+        self.volume(request.volume).ok_or_else(|| {
+            Refusal::new(
+                Status::NotOwner,
+                Epoch(0),
+                format!("volume {} is not held by this server", request.volume),
+            )
+        })
+    }
+
+    /// Admit a request: hold the volume's epoch gate and check the request.
+    /// Keep the returned guard until the request's I/O is complete.
+    pub async fn admit<'v>(
+        &self,
+        volume: &'v Volume,
+        request: &Request,
+    ) -> Result<Admitted<'v>, Refusal> {
+        let gate = volume.gate.read().await;
+        self.check(volume, request)?;
+        Ok(Admitted { _gate: gate })
+    }
+
+    fn chunk_lock(&self, key: ChunkKey, create: bool) -> Option<Rc<RwLock<Option<u32>>>> {
+        let mut chunks = self.chunks.borrow_mut();
+        if create {
+            Some(chunks.entry(key).or_default().clone())
+        } else {
+            chunks.get(&key).cloned()
+        }
+    }
+
+    /// Split `[offset, offset + len)` at chunk (slot) boundaries:
+    /// `(chunk, range within the chunk, range within the request)`.
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, Range<u64>, Range<usize>)> {
+        let slot = u64::from(self.superblock.geometry.slot_size);
+        let mut out = Vec::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let chunk = pos / slot;
+            let piece_end = end.min((chunk + 1) * slot);
+            let at = (pos - offset) as usize..(piece_end - offset) as usize;
+            out.push((chunk, pos - chunk * slot..piece_end - chunk * slot, at));
+            pos = piece_end;
+        }
+        out
+    }
+
+    fn io_refusal(&self, volume: &Volume, e: &EngineError) -> Refusal {
+        warn!(volume = %volume.id, error = %e, "I/O failed");
+        Refusal::new(Status::IoError, volume.epoch(), e.to_string())
+    }
+
+    /// Read an admitted range. Unwritten and trimmed chunks read as zeroes.
+    pub async fn read(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<ReadPiece>, Refusal> {
+        let mut out = Vec::new();
+        for (chunk, within, _) in self.pieces(offset, u64::from(len)) {
+            let n = (within.end - within.start) as usize;
+            let Some(lock) = self.chunk_lock((volume.id, chunk), false) else {
+                out.push(ReadPiece::Zeroes(n));
+                continue;
+            };
+            let slot = lock.read().await;
+            let Some(slot) = *slot else {
+                out.push(ReadPiece::Zeroes(n));
+                continue;
+            };
+            let pos = self.superblock.geometry.slot_offset(slot) + within.start;
+            let (res, buf) = self.dev.read_at(AlignedBuf::zeroed(n), 0..n, pos).await;
+            res.map_err(|e| self.io_refusal(volume, &io_err("read", &self.path)(e)))?;
+            out.push(ReadPiece::Data(buf));
+        }
+        Ok(out)
+    }
+
+    /// Write an admitted range from `data` (whose length is the range's).
+    /// A chunk written for the first time gets a slot: the slot is written
+    /// whole (data and zeroes) before the slot table records it.
+    pub async fn write(
+        &self,
+        volume: &Volume,
+        offset: u64,
+        mut data: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), Refusal> {
+        let g = self.superblock.geometry;
+        for (chunk, within, at) in self.pieces(offset, data.len() as u64) {
+            let lock = self
+                .chunk_lock((volume.id, chunk), true)
+                .unwrap_or_default();
+            let shared = lock.read().await;
+            if let Some(slot) = *shared {
+                let (res, buf) = self
+                    .dev
+                    .write_at(data, at, g.slot_offset(slot) + within.start)
+                    .await;
+                data = buf;
+                res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
+                continue;
+            }
+            drop(shared);
+            let mut exclusive = lock.write().await;
+            if let Some(slot) = *exclusive {
+                let (res, buf) = self
+                    .dev
+                    .write_at(data, at, g.slot_offset(slot) + within.start)
+                    .await;
+                data = buf;
+                res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
+                continue;
+            }
+            let slot = self
+                .allocate(volume.id, chunk, &data[at], within.start as usize)
+                .await
+                .map_err(|e| self.io_refusal(volume, &e))?;
+            *exclusive = Some(slot);
+        }
+        if fua {
+            self.flush()
+                .await
+                .map_err(|e| self.io_refusal(volume, &e))?;
+        }
+        Ok(())
+    }
+
+    async fn allocate(
+        &self,
+        volume: VolumeId,
+        chunk: u64,
+        data: &[u8],
+        at: usize,
+    ) -> Result<u32, EngineError> {
+        let g = self.superblock.geometry;
+        let slot = self
+            .free_slots
+            .borrow_mut()
+            .pop_first()
+            .ok_or(EngineError::NoSpace)?;
+        let mut whole = AlignedBuf::zeroed(g.slot_size as usize);
+        whole[at..at + data.len()].copy_from_slice(data);
+        let (res, _) = self
+            .dev
+            .write_at(whole, 0..g.slot_size as usize, g.slot_offset(slot))
+            .await;
+        let result = match res {
+            Ok(()) => {
+                self.write_slot_entry(slot, SlotEntry { volume, chunk })
+                    .await
+            }
+            Err(e) => Err(io_err("write", &self.path)(e)),
+        };
+        if let Err(e) = result {
+            self.free_slots.borrow_mut().insert(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    /// Trim or write zeroes over an admitted range: whole chunks give their
+    /// slot back; partial chunks get zeroes written. Both then read as zeroes.
+    pub async fn zero(&self, volume: &Volume, offset: u64, len: u32) -> Result<(), Refusal> {
+        let g = self.superblock.geometry;
+        for (chunk, within, _) in self.pieces(offset, u64::from(len)) {
+            let Some(lock) = self.chunk_lock((volume.id, chunk), false) else {
+                continue;
+            };
+            if within.start == 0 && within.end == u64::from(g.slot_size) {
+                let mut exclusive = lock.write().await;
+                if let Some(slot) = *exclusive {
+                    self.write_slot_entry(slot, SlotEntry::default())
+                        .await
+                        .map_err(|e| self.io_refusal(volume, &e))?;
+                    *exclusive = None;
+                    self.free_slots.borrow_mut().insert(slot);
+                }
+                continue;
+            }
+            let shared = lock.read().await;
+            if let Some(slot) = *shared {
+                let n = (within.end - within.start) as usize;
+                let (res, _) = self
+                    .dev
+                    .write_at(
+                        AlignedBuf::zeroed(n),
+                        0..n,
+                        g.slot_offset(slot) + within.start,
+                    )
+                    .await;
+                res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every completed write durable.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        self.dev
+            .sync_data()
+            .await
+            .map_err(io_err("sync", &self.path))
+    }
+
+    /// The answer to a map push, for the management protocol.
+    pub async fn handle_push(&self, map: &VolumeMap) -> MgmtReply {
+        match self.apply_map(map).await {
+            Ok(epoch) => MgmtReply::Applied { epoch },
+            Err(e) => {
+                warn!(volume = %map.id, error = %e, "map push refused");
+                MgmtReply::Refused(tessera_net::proto::Refusal::Invalid {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+fn choose_copy(area: &[u8], index: u64, home: u64) -> Result<(u64, &[u8]), EngineError> {
+    let at = (2 * index * BLOCK) as usize;
+    let block = |i: usize| {
+        area.get(at + i * BLOCK as usize..at + (i + 1) * BLOCK as usize)
+            .unwrap_or(&[])
+    };
+    format::choose(
+        format::decode_meta(block(0), home),
+        format::decode_meta(block(1), home),
+    )
+    .ok_or(EngineError::MetadataDamaged { block: home })
+}
+
+/// The page ranges of `map` that `server` holds a replica of, merged and sorted.
+pub fn owned_ranges(map: &VolumeMap, server: &str) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = map
+        .partitions
+        .iter()
+        .filter(|p| p.first_page < p.end_page && p.replicas.iter().any(|r| r.server == server))
+        .map(|p| (p.first_page, p.end_page))
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (first, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if first <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((first, end)),
+        }
+    }
+    merged
+}

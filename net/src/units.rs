@@ -1,0 +1,146 @@
+//! Human-readable byte sizes: `10G`, `512MiB`, `4096` in; `10 GiB` out.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A size in bytes that parses from and prints as a human-readable string.
+/// Suffixes are binary (K = KiB = 1024); `B`, `iB` and case are optional.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+/// A size string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size {input:?}: {reason} (examples: 4096, 64K, 10G, 1.5TiB)")]
+pub struct SizeError {
+    pub input: String,
+    pub reason: &'static str,
+}
+
+const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+
+impl FromStr for ByteSize {
+    type Err = SizeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| SizeError {
+            input: s.to_string(),
+            reason,
+        };
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        if number.is_empty() {
+            return Err(err("no number"));
+        }
+        let unit = unit.trim().to_ascii_uppercase();
+        let unit = unit
+            .strip_suffix("IB")
+            .or_else(|| unit.strip_suffix('B'))
+            .unwrap_or(&unit);
+        let power = UNITS
+            .iter()
+            .position(|u| *u == unit)
+            .ok_or_else(|| err("unknown unit"))?;
+        let multiplier = 1u64 << (10 * power);
+        let bytes = if let Some((whole, frac)) = number.split_once('.') {
+            let whole: u64 = whole.parse().map_err(|_| err("bad number"))?;
+            let digits = u32::try_from(frac.len()).map_err(|_| err("bad number"))?;
+            let frac_value: u64 = frac.parse().map_err(|_| err("bad number"))?;
+            let scale = 10u64
+                .checked_pow(digits)
+                .ok_or_else(|| err("too many digits"))?;
+            let frac_bytes = u128::from(frac_value) * u128::from(multiplier) / u128::from(scale);
+            whole
+                .checked_mul(multiplier)
+                .and_then(|w| w.checked_add(u64::try_from(frac_bytes).ok()?))
+                .ok_or_else(|| err("too large"))?
+        } else {
+            let n: u64 = number.parse().map_err(|_| err("bad number"))?;
+            n.checked_mul(multiplier).ok_or_else(|| err("too large"))?
+        };
+        Ok(ByteSize(bytes))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut power = 0;
+        while power + 1 < UNITS.len() && self.0 >= 1u64 << (10 * (power + 1)) {
+            power += 1;
+        }
+        if power == 0 {
+            return write!(f, "{} B", self.0);
+        }
+        let value = self.0 as f64 / (1u64 << (10 * power)) as f64;
+        let unit = UNITS[power];
+        if self.0.is_multiple_of(1u64 << (10 * power)) {
+            write!(f, "{value:.0} {unit}iB")
+        } else {
+            write!(f, "{value:.1} {unit}iB")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string().replace(' ', ""))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses() {
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("64K", 64 << 10),
+            ("64k", 64 << 10),
+            ("1M", 1 << 20),
+            ("10G", 10 << 30),
+            ("10GiB", 10 << 30),
+            ("10 GB", 10 << 30),
+            ("1.5T", 3 << 39),
+            ("512B", 512),
+        ] {
+            assert_eq!(text.parse::<ByteSize>().unwrap(), ByteSize(bytes), "{text}");
+        }
+    }
+
+    #[test]
+    fn rejects() {
+        for text in ["", "G", "10X", "1.2.3G", "99999999999P", "-1"] {
+            assert!(text.parse::<ByteSize>().is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn prints() {
+        assert_eq!(ByteSize(512).to_string(), "512 B");
+        assert_eq!(ByteSize(10 << 30).to_string(), "10 GiB");
+        assert_eq!(ByteSize(3 << 29).to_string(), "1.5 GiB");
+        let s = ByteSize(10 << 30).to_string().replace(' ', "");
+        assert_eq!(s.parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
+    }
+}

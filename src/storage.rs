@@ -1,0 +1,158 @@
+//! `tessera storage`: run or format a storage server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use tessera_engine::config::StorageConfig;
+use tessera_engine::io::IoEngine;
+use tessera_engine::server::{self, FormatPolicy};
+use tessera_net::proto::Role;
+use tessera_net::quic::{Alpn, Endpoint, TlsIdentity};
+use tessera_net::units::ByteSize;
+use tracing::info;
+
+use crate::tls::TlsArgs;
+
+/// Run a storage server: `tessera storage --data PATH --size SIZE --listen ADDR ...`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct StorageCommand {
+    #[command(subcommand)]
+    sub: Option<StorageSub>,
+    #[command(flatten)]
+    args: StorageArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum StorageSub {
+    /// Format the data file or device (refuses data it does not recognize unless --force).
+    Format(FormatArgs),
+}
+
+#[derive(Debug, Args)]
+struct FormatArgs {
+    #[command(flatten)]
+    args: StorageArgs,
+    /// Overwrite whatever the file or device holds, Tessera data included.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct StorageArgs {
+    /// TOML config file; flags given here override its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data file (created if missing) or block device.
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// Size of a new data file, e.g. 10G [config default: 10 GiB].
+    #[arg(long, value_name = "SIZE")]
+    size: Option<ByteSize>,
+    /// Address to serve on (QUIC/UDP); port 0 picks a free port [default: 127.0.0.1:7401].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// I/O engine: uring (io_uring, O_DIRECT) or std (page cache, for tmpfs).
+    #[arg(long, value_name = "ENGINE")]
+    io_engine: Option<IoEngine>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl StorageArgs {
+    fn resolve(self) -> anyhow::Result<StorageConfig> {
+        let mut config = match &self.config {
+            Some(path) => StorageConfig::load(path)?,
+            None => StorageConfig::default(),
+        };
+        if let Some(data) = self.data {
+            config.data = data;
+        }
+        if let Some(size) = self.size {
+            config.size = size;
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(engine) = self.io_engine {
+            config.io_engine = engine;
+        }
+        self.tls.apply(&mut config.tls)?;
+        Ok(config)
+    }
+}
+
+fn storage_identity(config: &StorageConfig) -> anyhow::Result<TlsIdentity> {
+    let identity = config.tls.load().context("cannot load TLS certificates")?;
+    if identity.me().role != Role::Storage {
+        bail!(
+            "certificate {} has role {}, a storage server needs role storage",
+            config.tls.cert.display(),
+            identity.me().role
+        );
+    }
+    Ok(identity)
+}
+
+pub fn run(command: StorageCommand) -> anyhow::Result<()> {
+    match command.sub {
+        Some(StorageSub::Format(format)) => run_format(format),
+        None => run_server(command.args),
+    }
+}
+
+fn run_format(args: FormatArgs) -> anyhow::Result<()> {
+    let config = args.args.resolve()?;
+    let identity = storage_identity(&config)?;
+    let policy = if args.force {
+        FormatPolicy::Force
+    } else {
+        FormatPolicy::IfBlank
+    };
+    tokio_uring::start(async {
+        let store = server::open_store(&config, &identity, policy).await?;
+        let g = store.superblock().geometry;
+        println!(
+            "{}: formatted for {}: {} data slots of {} ({} usable)",
+            config.data.display(),
+            identity.me().name,
+            g.slot_count,
+            ByteSize(u64::from(g.slot_size)),
+            ByteSize(g.slot_count * u64::from(g.slot_size)),
+        );
+        Ok(())
+    })
+}
+
+fn run_server(args: StorageArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let identity = storage_identity(&config)?;
+    tokio_uring::start(async {
+        let store = Rc::new(server::open_store(&config, &identity, FormatPolicy::IfBlank).await?);
+        let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &Alpn::ALL)?;
+        let addr = endpoint.local_addr()?;
+        info!(name = %identity.me().name, %addr, data = %config.data.display(), "serving");
+        server::announce(&identity.me().name, addr);
+        tokio_uring::spawn(server::serve(store.clone(), endpoint.clone()));
+        shutdown_signal().await?;
+        info!("shutting down");
+        endpoint.close();
+        store.flush().await?;
+        Ok(())
+    })
+}
+
+/// Wait for SIGINT or SIGTERM.
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
