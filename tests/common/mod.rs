@@ -1,0 +1,272 @@
+//! Helpers for tests that run real `tessera` processes on loopback, with
+//! certificates made per test and data files on disk under the target dir.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tessera_net::proto::{
+    Epoch, MgmtReply, MgmtRequest, MirrorState, Opcode, Partition, Replica, Reply, Request, Role,
+    VolumeId, VolumeMap,
+};
+use tessera_net::quic::certs::ClusterCa;
+use tessera_net::quic::{Alpn, Endpoint, PeerConnection, TlsIdentity, TransportTuning};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A cluster directory with its CA; certificates are issued on demand.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    ca: ClusterCa,
+}
+
+impl TestCluster {
+    pub fn new() -> Self {
+        // O_DIRECT needs a real filesystem: the target dir is on disk, /tmp may be tmpfs.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let ca = ClusterCa::generate("test", 2).unwrap();
+        ca.save(dir.path()).unwrap();
+        TestCluster { dir, ca }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    pub fn issue(&self, role: Role, name: &str) {
+        if !self.path(&format!("{name}.crt")).exists() {
+            self.ca
+                .issue(role, name, 2)
+                .unwrap()
+                .save(self.dir.path(), name)
+                .unwrap();
+        }
+    }
+
+    pub fn identity(&self, role: Role, name: &str) -> TlsIdentity {
+        self.issue(role, name);
+        TlsIdentity::load_dir(self.dir.path(), name).unwrap()
+    }
+
+    /// A client-only endpoint holding `name`'s certificate in `role`.
+    pub fn endpoint(&self, role: Role, name: &str) -> Endpoint {
+        let id = self.identity(role, name);
+        Endpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &id,
+            &TransportTuning::default(),
+            &[],
+        )
+        .unwrap()
+    }
+}
+
+pub fn tessera() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    cmd
+}
+
+/// A `tessera storage` process; killed when dropped.
+pub struct StorageProc {
+    pub name: String,
+    pub data: PathBuf,
+    pub addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+}
+
+impl StorageProc {
+    pub fn start(cluster: &TestCluster, name: &str, size: &str, extra: &[&str]) -> Self {
+        Self::try_start(cluster, name, size, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start and wait for its "serving on ADDR" line; `Err` carries its log if it exits.
+    pub fn try_start(
+        cluster: &TestCluster,
+        name: &str,
+        size: &str,
+        extra: &[&str],
+    ) -> Result<Self, String> {
+        cluster.issue(Role::Storage, name);
+        let data = cluster.path(&format!("{name}.img"));
+        let log = cluster.path(&format!("{name}.log"));
+        let mut child = tessera()
+            .args(["storage", "--listen", "127.0.0.1:0", "--size", size])
+            .arg("--data")
+            .arg(&data)
+            .arg("--cluster-dir")
+            .arg(cluster.dir.path())
+            .args(["--name", name])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        match line.trim().rsplit_once("serving on ") {
+            Some((_, addr)) => Ok(StorageProc {
+                name: name.to_string(),
+                data,
+                addr: addr.parse().unwrap(),
+                child,
+                log,
+            }),
+            None => {
+                let _ = child.kill();
+                let status = child.wait().unwrap();
+                Err(format!(
+                    "{name} did not start ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ))
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall with our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn connect(&self, endpoint: &Endpoint) -> PeerConnection {
+        endpoint
+            .connect(self.addr, &self.name, Alpn::Data, Role::Storage)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for StorageProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A map slice with one partition covering the whole volume, held by `servers`.
+pub fn whole_volume(id: u64, epoch: u64, size: u64, servers: &[&StorageProc]) -> VolumeMap {
+    let page_size = MIB as u32;
+    VolumeMap {
+        id: VolumeId(id),
+        name: format!("vol{id}"),
+        epoch: Epoch(epoch),
+        size,
+        page_size,
+        partitions: vec![Partition {
+            first_page: 0,
+            end_page: size.div_ceil(u64::from(page_size)),
+            replicas: servers
+                .iter()
+                .map(|s| Replica {
+                    server: s.name.clone(),
+                    addr: s.addr,
+                    state: MirrorState::InSync,
+                })
+                .collect(),
+        }],
+    }
+}
+
+/// Push a map slice as the management server would; returns the reply.
+pub async fn push(mgmt: &Endpoint, server: &StorageProc, map: &VolumeMap) -> MgmtReply {
+    let conn = mgmt
+        .connect(server.addr, &server.name, Alpn::Mgmt, Role::Storage)
+        .await
+        .unwrap();
+    conn.mgmt(&MgmtRequest::PushMap { map: map.clone() })
+        .await
+        .unwrap()
+}
+
+pub async fn write(conn: &PeerConnection, vol: u64, epoch: u64, offset: u64, data: &[u8]) -> Reply {
+    let req = Request::write(VolumeId(vol), Epoch(epoch), offset, data, next_id()).unwrap();
+    conn.data(&req, data).await.unwrap().0
+}
+
+pub async fn read(
+    conn: &PeerConnection,
+    vol: u64,
+    epoch: u64,
+    offset: u64,
+    len: u32,
+) -> (Reply, Vec<u8>) {
+    let req = Request::new(
+        Opcode::Read,
+        VolumeId(vol),
+        Epoch(epoch),
+        offset,
+        len,
+        next_id(),
+    );
+    conn.data(&req, &[]).await.unwrap()
+}
+
+pub async fn op(
+    conn: &PeerConnection,
+    opcode: Opcode,
+    vol: u64,
+    epoch: u64,
+    offset: u64,
+    len: u32,
+) -> Reply {
+    let req = Request::new(opcode, VolumeId(vol), Epoch(epoch), offset, len, next_id());
+    conn.data(&req, &[]).await.unwrap().0
+}
+
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Deterministic test data for `len` bytes, distinct per `tag`.
+pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
+    let mut x = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn file_digest(path: &Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(path).unwrap())
+}
