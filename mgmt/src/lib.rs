@@ -1,1 +1,10 @@
-//! Management server: configuration map, epochs, config push (arrives with issue 4).
+//! The Tessera management server.
+//!
+//! * [`state`]: the configuration map as a deterministic state machine.
+//! * [`db`]: its durable form (command log and current state) in redb.
+
+pub mod db;
+pub mod error;
+pub mod state;
+
+pub use error::MgmtError;

@@ -1,0 +1,418 @@
+//! The configuration map as a deterministic state machine of commands.
+//!
+//! `ClusterState::apply` is pure: the same commands in the same order give
+//! the same state on any machine, which is what a replicated log (openraft)
+//! needs later. Every applied command advances the cluster epoch by one and
+//! sets the epoch of each volume it affects to the new cluster epoch; other
+//! volumes keep theirs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tessera_net::proto::{
+    BLOCK_SIZE, Epoch, MirrorState, Partition, Refusal, Replica, VolumeId, VolumeMap,
+};
+
+/// Largest page size a volume may have (a request covers at most one page).
+pub const MAX_PAGE_SIZE: u32 = tessera_net::proto::MAX_IO_LEN;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub data_addr: SocketAddr,
+    pub capacity: u64,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub server: String,
+    pub state: MirrorState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRecord {
+    pub first_page: u64,
+    pub end_page: u64,
+    /// First = primary.
+    pub replicas: Vec<ReplicaRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub size: u64,
+    pub page_size: u32,
+    pub replicas: u8,
+    pub epoch: Epoch,
+    pub partitions: Vec<PartitionRecord>,
+}
+
+impl VolumeRecord {
+    pub fn pages(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.page_size))
+    }
+
+    /// Every server holding a replica of any partition.
+    pub fn servers(&self) -> BTreeSet<String> {
+        self.partitions
+            .iter()
+            .flat_map(|p| p.replicas.iter().map(|r| r.server.clone()))
+            .collect()
+    }
+}
+
+/// A change to the configuration map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterServer {
+        name: String,
+        data_addr: SocketAddr,
+        capacity: u64,
+    },
+    MarkServer {
+        name: String,
+        up: bool,
+    },
+    RemoveServer {
+        name: String,
+        force: bool,
+    },
+    CreateVolume {
+        name: String,
+        size: u64,
+        page_size: u32,
+        replicas: u8,
+        servers: Option<Vec<String>>,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    ResizeVolume {
+        name: String,
+        size: u64,
+    },
+}
+
+/// What an applied command changed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// The cluster epoch after the command.
+    pub epoch: Epoch,
+    /// Volumes whose map changed, with the servers of their old and new layout.
+    pub changed: BTreeMap<String, BTreeSet<String>>,
+    /// Volumes deleted, with the servers that held them.
+    pub deleted: BTreeMap<VolumeId, BTreeSet<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub epoch: Epoch,
+    pub next_volume_id: u64,
+    pub servers: BTreeMap<String, ServerRecord>,
+    pub volumes: BTreeMap<String, VolumeRecord>,
+}
+
+fn invalid(reason: impl Into<String>) -> Refusal {
+    Refusal::Invalid {
+        reason: reason.into(),
+    }
+}
+
+fn not_found(kind: &str, name: &str) -> Refusal {
+    Refusal::NotFound {
+        kind: kind.into(),
+        name: name.into(),
+    }
+}
+
+impl ClusterState {
+    /// Apply `command`. On `Err` the state is unchanged and the epoch stays.
+    pub fn apply(&mut self, command: &Command) -> Result<Outcome, Refusal> {
+        let mut next = self.clone();
+        let mut outcome = Outcome::default();
+        next.epoch = Epoch(self.epoch.0 + 1);
+        next.apply_inner(command, &mut outcome)?;
+        for name in outcome.changed.keys() {
+            if let Some(volume) = next.volumes.get_mut(name) {
+                volume.epoch = next.epoch;
+            }
+        }
+        outcome.epoch = next.epoch;
+        *self = next;
+        Ok(outcome)
+    }
+
+    fn volumes_on(&self, server: &str) -> Vec<String> {
+        self.volumes
+            .iter()
+            .filter(|(_, v)| v.servers().contains(server))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn mark_changed(&self, outcome: &mut Outcome, volume: &str, old_servers: BTreeSet<String>) {
+        let mut servers = old_servers;
+        if let Some(v) = self.volumes.get(volume) {
+            servers.extend(v.servers());
+        }
+        outcome
+            .changed
+            .entry(volume.to_string())
+            .or_default()
+            .extend(servers);
+    }
+
+    fn apply_inner(&mut self, command: &Command, outcome: &mut Outcome) -> Result<(), Refusal> {
+        match command {
+            Command::RegisterServer {
+                name,
+                data_addr,
+                capacity,
+            } => {
+                let record = ServerRecord {
+                    data_addr: *data_addr,
+                    capacity: *capacity,
+                    up: true,
+                };
+                if self.servers.get(name) == Some(&record) {
+                    return Err(invalid(format!(
+                        "server {name} is already registered as it is"
+                    )));
+                }
+                self.servers.insert(name.clone(), record);
+                for volume in self.volumes_on(name) {
+                    self.mark_changed(outcome, &volume, BTreeSet::new());
+                }
+            }
+            Command::MarkServer { name, up } => {
+                let server = self
+                    .servers
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("server", name))?;
+                if server.up == *up {
+                    return Err(invalid(format!(
+                        "server {name} is already {}",
+                        if *up { "up" } else { "down" }
+                    )));
+                }
+                server.up = *up;
+                for volume in self.volumes_on(name) {
+                    self.mark_changed(outcome, &volume, BTreeSet::new());
+                }
+            }
+            Command::RemoveServer { name, force } => {
+                if !self.servers.contains_key(name) {
+                    return Err(not_found("server", name));
+                }
+                let holding = self.volumes_on(name);
+                if !holding.is_empty() && !force {
+                    return Err(invalid(format!(
+                        "server {name} holds partitions of {}; move them first, or remove with --force to mark them lost",
+                        holding.join(", ")
+                    )));
+                }
+                for volume in holding {
+                    let old = self
+                        .volumes
+                        .get(&volume)
+                        .map(VolumeRecord::servers)
+                        .unwrap_or_default();
+                    if let Some(v) = self.volumes.get_mut(&volume) {
+                        for p in &mut v.partitions {
+                            p.replicas.retain(|r| &r.server != name);
+                        }
+                    }
+                    self.mark_changed(outcome, &volume, old);
+                }
+                self.servers.remove(name);
+            }
+            Command::CreateVolume {
+                name,
+                size,
+                page_size,
+                replicas,
+                servers,
+            } => {
+                if self.volumes.contains_key(name) {
+                    return Err(Refusal::AlreadyExists {
+                        kind: "volume".into(),
+                        name: name.clone(),
+                    });
+                }
+                validate_volume_name(name)?;
+                if *page_size == 0 || page_size % BLOCK_SIZE != 0 || *page_size > MAX_PAGE_SIZE {
+                    return Err(invalid(format!(
+                        "page size {page_size} must be a multiple of {BLOCK_SIZE} up to {MAX_PAGE_SIZE}"
+                    )));
+                }
+                if *size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
+                    return Err(invalid(format!(
+                        "size {size} must be a positive multiple of {BLOCK_SIZE}"
+                    )));
+                }
+                if *replicas == 0 {
+                    return Err(invalid("a volume needs at least one replica"));
+                }
+                let candidates: Vec<String> = match servers {
+                    Some(list) => {
+                        let mut seen = BTreeSet::new();
+                        for s in list {
+                            let record =
+                                self.servers.get(s).ok_or_else(|| not_found("server", s))?;
+                            if !record.up {
+                                return Err(invalid(format!("server {s} is down")));
+                            }
+                            if !seen.insert(s) {
+                                return Err(invalid(format!("server {s} is listed twice")));
+                            }
+                        }
+                        list.clone()
+                    }
+                    None => self
+                        .servers
+                        .iter()
+                        .filter(|(_, r)| r.up)
+                        .map(|(n, _)| n.clone())
+                        .collect(),
+                };
+                if candidates.len() < usize::from(*replicas) {
+                    return Err(invalid(format!(
+                        "{replicas} replicas need {replicas} servers that are up; {} available",
+                        candidates.len()
+                    )));
+                }
+                let pages = size.div_ceil(u64::from(*page_size));
+                let id = VolumeId(self.next_volume_id.max(1));
+                self.next_volume_id = id.0 + 1;
+                let volume = VolumeRecord {
+                    id,
+                    size: *size,
+                    page_size: *page_size,
+                    replicas: *replicas,
+                    epoch: Epoch(0),
+                    partitions: spread(pages, &candidates, usize::from(*replicas)),
+                };
+                self.volumes.insert(name.clone(), volume);
+                self.mark_changed(outcome, name, BTreeSet::new());
+            }
+            Command::DeleteVolume { name } => {
+                let volume = self
+                    .volumes
+                    .remove(name)
+                    .ok_or_else(|| not_found("volume", name))?;
+                outcome.deleted.insert(volume.id, volume.servers());
+            }
+            Command::ResizeVolume { name, size } => {
+                let volume = self
+                    .volumes
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("volume", name))?;
+                if *size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
+                    return Err(invalid(format!(
+                        "size {size} must be a positive multiple of {BLOCK_SIZE}"
+                    )));
+                }
+                if *size < volume.size {
+                    // Storage servers do not yet report how far a volume is
+                    // written, so a shrink could cut off data: refused.
+                    return Err(invalid(format!(
+                        "shrinking {name} from {} to {size} bytes could drop written data; shrinking is not supported",
+                        volume.size
+                    )));
+                }
+                if *size == volume.size {
+                    return Err(invalid(format!("volume {name} already has size {size}")));
+                }
+                volume.size = *size;
+                let pages = volume.pages();
+                if let Some(last) = volume.partitions.last_mut() {
+                    last.end_page = pages;
+                }
+                self.mark_changed(outcome, name, BTreeSet::new());
+            }
+        }
+        Ok(())
+    }
+
+    /// The map slice of one volume, with current server addresses; a replica
+    /// on a server that is down is shown out of sync.
+    pub fn volume_map(&self, name: &str) -> Option<VolumeMap> {
+        let v = self.volumes.get(name)?;
+        Some(VolumeMap {
+            id: v.id,
+            name: name.to_string(),
+            epoch: v.epoch,
+            size: v.size,
+            page_size: v.page_size,
+            partitions: v
+                .partitions
+                .iter()
+                .map(|p| Partition {
+                    first_page: p.first_page,
+                    end_page: p.end_page,
+                    replicas: p
+                        .replicas
+                        .iter()
+                        .filter_map(|r| {
+                            let server = self.servers.get(&r.server)?;
+                            Some(Replica {
+                                server: r.server.clone(),
+                                addr: server.data_addr,
+                                state: if server.up {
+                                    r.state
+                                } else {
+                                    MirrorState::OutOfSync
+                                },
+                            })
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    pub fn volume_by_id(&self, id: VolumeId) -> Option<&str> {
+        self.volumes
+            .iter()
+            .find(|(_, v)| v.id == id)
+            .map(|(n, _)| n.as_str())
+    }
+}
+
+fn validate_volume_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "volume name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Lay `pages` out in one partition per server (fewer if there are fewer
+/// pages), each with `replicas` distinct servers; primaries rotate so that
+/// every server leads about the same number of partitions.
+fn spread(pages: u64, servers: &[String], replicas: usize) -> Vec<PartitionRecord> {
+    let n = (servers.len() as u64).min(pages).max(1);
+    (0..n)
+        .map(|i| PartitionRecord {
+            first_page: i * pages / n,
+            end_page: (i + 1) * pages / n,
+            replicas: (0..replicas)
+                .map(|k| ReplicaRecord {
+                    server: servers[(i as usize + k) % servers.len()].clone(),
+                    state: MirrorState::InSync,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,288 @@
+#![allow(clippy::unwrap_used)]
+
+use proptest::prelude::*;
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+fn register(state: &mut ClusterState, name: &str, port: u16) -> Outcome {
+    state
+        .apply(&Command::RegisterServer {
+            name: name.into(),
+            data_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            capacity: 1 << 40,
+        })
+        .unwrap()
+}
+
+fn create(name: &str, size: u64, replicas: u8) -> Command {
+    Command::CreateVolume {
+        name: name.into(),
+        size,
+        page_size: MIB as u32,
+        replicas,
+        servers: None,
+    }
+}
+
+fn three_servers() -> ClusterState {
+    let mut s = ClusterState::default();
+    for (i, name) in ["s1", "s2", "s3"].iter().enumerate() {
+        register(&mut s, name, 7000 + i as u16);
+    }
+    s
+}
+
+#[test]
+fn every_command_advances_the_epoch_by_one() {
+    let mut s = ClusterState::default();
+    assert_eq!(register(&mut s, "s1", 1).epoch, Epoch(1));
+    assert_eq!(register(&mut s, "s2", 2).epoch, Epoch(2));
+    assert_eq!(s.apply(&create("a", 8 * MIB, 1)).unwrap().epoch, Epoch(3));
+    assert_eq!(s.epoch, Epoch(3));
+}
+
+#[test]
+fn create_spreads_partitions_with_distinct_replicas() {
+    let mut s = three_servers();
+    let out = s.apply(&create("db", 100 * MIB, 2)).unwrap();
+    let v = &s.volumes["db"];
+    assert_eq!(v.epoch, out.epoch);
+    assert_eq!(v.partitions.len(), 3);
+    let mut next = 0;
+    for p in &v.partitions {
+        assert_eq!(p.first_page, next);
+        next = p.end_page;
+        assert_eq!(p.replicas.len(), 2);
+        assert_ne!(p.replicas[0].server, p.replicas[1].server);
+    }
+    assert_eq!(next, 100);
+    let primaries: BTreeSet<_> = v
+        .partitions
+        .iter()
+        .map(|p| p.replicas[0].server.clone())
+        .collect();
+    assert_eq!(primaries.len(), 3, "primaries rotate");
+    assert_eq!(out.changed["db"], v.servers());
+    let map = s.volume_map("db").unwrap();
+    assert_eq!(
+        map.partitions[0].replicas[0].addr,
+        s.servers["s1"].data_addr
+    );
+}
+
+#[test]
+fn a_change_bumps_only_the_volumes_it_affects() {
+    let mut s = three_servers();
+    s.apply(&Command::CreateVolume {
+        name: "a".into(),
+        size: 4 * MIB,
+        page_size: MIB as u32,
+        replicas: 1,
+        servers: Some(vec!["s1".into()]),
+    })
+    .unwrap();
+    s.apply(&Command::CreateVolume {
+        name: "b".into(),
+        size: 4 * MIB,
+        page_size: MIB as u32,
+        replicas: 1,
+        servers: Some(vec!["s2".into()]),
+    })
+    .unwrap();
+    let (a, b) = (s.volumes["a"].epoch, s.volumes["b"].epoch);
+    let out = s
+        .apply(&Command::MarkServer {
+            name: "s1".into(),
+            up: false,
+        })
+        .unwrap();
+    assert_eq!(s.volumes["a"].epoch, out.epoch);
+    assert!(s.volumes["a"].epoch > a);
+    assert_eq!(s.volumes["b"].epoch, b, "volume b is not on s1");
+    assert_eq!(
+        s.volume_map("a").unwrap().partitions[0].replicas[0].state,
+        MirrorState::OutOfSync
+    );
+    let out = s
+        .apply(&Command::ResizeVolume {
+            name: "b".into(),
+            size: 8 * MIB,
+        })
+        .unwrap();
+    assert_eq!(s.volumes["b"].epoch, out.epoch);
+    assert_eq!(s.volumes["b"].partitions.last().unwrap().end_page, 8);
+    assert!(s.volumes["a"].epoch < out.epoch);
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let mut s = three_servers();
+    s.apply(&create("db", 8 * MIB, 1)).unwrap();
+    let before = s.clone();
+    let refused = [
+        create("db", 8 * MIB, 1),
+        create("x", 8 * MIB, 4),
+        create("bad name", 8 * MIB, 1),
+        create("x", 0, 1),
+        create("x", 4095, 1),
+        create("x", 8 * MIB, 0),
+        Command::CreateVolume {
+            name: "x".into(),
+            size: MIB,
+            page_size: 1000,
+            replicas: 1,
+            servers: None,
+        },
+        Command::CreateVolume {
+            name: "x".into(),
+            size: MIB,
+            page_size: 8 << 20,
+            replicas: 1,
+            servers: None,
+        },
+        Command::CreateVolume {
+            name: "x".into(),
+            size: MIB,
+            page_size: MIB as u32,
+            replicas: 1,
+            servers: Some(vec!["nope".into()]),
+        },
+        Command::CreateVolume {
+            name: "x".into(),
+            size: MIB,
+            page_size: MIB as u32,
+            replicas: 2,
+            servers: Some(vec!["s1".into(), "s1".into()]),
+        },
+        Command::ResizeVolume {
+            name: "db".into(),
+            size: 4 * MIB,
+        },
+        Command::ResizeVolume {
+            name: "nope".into(),
+            size: 4 * MIB,
+        },
+        Command::DeleteVolume {
+            name: "nope".into(),
+        },
+        Command::RemoveServer {
+            name: "s1".into(),
+            force: false,
+        },
+        Command::RemoveServer {
+            name: "nope".into(),
+            force: false,
+        },
+        Command::MarkServer {
+            name: "s1".into(),
+            up: true,
+        },
+        Command::RegisterServer {
+            name: "s1".into(),
+            data_addr: before.servers["s1"].data_addr,
+            capacity: before.servers["s1"].capacity,
+        },
+    ];
+    for command in refused {
+        assert!(s.apply(&command).is_err(), "{command:?} was applied");
+        assert_eq!(s, before, "{command:?} changed the state");
+    }
+}
+
+#[test]
+fn remove_server_with_force_drops_its_replicas() {
+    let mut s = three_servers();
+    s.apply(&create("db", 9 * MIB, 2)).unwrap();
+    let out = s
+        .apply(&Command::RemoveServer {
+            name: "s2".into(),
+            force: true,
+        })
+        .unwrap();
+    assert!(!s.servers.contains_key("s2"));
+    assert!(!s.volumes["db"].servers().contains("s2"));
+    assert!(
+        out.changed["db"].contains("s2"),
+        "the old layout's servers are told too"
+    );
+    assert_eq!(s.volumes["db"].epoch, out.epoch);
+}
+
+#[test]
+fn delete_reports_the_servers_that_held_the_volume() {
+    let mut s = three_servers();
+    s.apply(&create("db", 9 * MIB, 1)).unwrap();
+    let id = s.volumes["db"].id;
+    let out = s
+        .apply(&Command::DeleteVolume { name: "db".into() })
+        .unwrap();
+    assert_eq!(out.deleted[&id].len(), 3);
+    assert!(s.volume_map("db").is_none());
+    // Ids are never reused.
+    s.apply(&create("db", 9 * MIB, 1)).unwrap();
+    assert!(s.volumes["db"].id > id);
+}
+
+fn arb_command() -> impl Strategy<Value = Command> {
+    let server = prop::sample::select(vec!["s1", "s2", "s3", "s4"]).prop_map(String::from);
+    let volume = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
+    prop_oneof![
+        (server.clone(), 1u16..4).prop_map(|(name, port)| Command::RegisterServer {
+            name,
+            data_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            capacity: 1 << 30,
+        }),
+        (server.clone(), any::<bool>()).prop_map(|(name, up)| Command::MarkServer { name, up }),
+        (server, any::<bool>()).prop_map(|(name, force)| Command::RemoveServer { name, force }),
+        (volume.clone(), 1u64..64, 1u8..4).prop_map(|(name, mib, replicas)| create(
+            &name,
+            mib * MIB,
+            replicas
+        )),
+        volume
+            .clone()
+            .prop_map(|name| Command::DeleteVolume { name }),
+        (volume, 1u64..64).prop_map(|(name, mib)| Command::ResizeVolume {
+            name,
+            size: mib * MIB
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn invariants_hold_under_any_command_sequence(commands in prop::collection::vec(arb_command(), 1..60)) {
+        let mut s = ClusterState::default();
+        let mut replay = ClusterState::default();
+        for command in &commands {
+            let before = s.clone();
+            match s.apply(command) {
+                Ok(out) => {
+                    prop_assert_eq!(out.epoch, Epoch(before.epoch.0 + 1));
+                    replay.apply(command).unwrap();
+                }
+                Err(_) => prop_assert_eq!(&s, &before),
+            }
+            for (name, v) in &s.volumes {
+                prop_assert!(v.epoch <= s.epoch);
+                let old = before.volumes.get(name);
+                if let Some(old) = old {
+                    prop_assert!(v.epoch >= old.epoch, "a volume epoch went back");
+                }
+                let mut next = 0;
+                for p in &v.partitions {
+                    prop_assert_eq!(p.first_page, next);
+                    prop_assert!(p.end_page > p.first_page);
+                    next = p.end_page;
+                    let distinct: BTreeSet<_> = p.replicas.iter().map(|r| &r.server).collect();
+                    prop_assert_eq!(distinct.len(), p.replicas.len());
+                }
+                prop_assert_eq!(next, v.pages());
+            }
+        }
+        // Deterministic: the same commands give the same state.
+        prop_assert_eq!(s, replay);
+    }
+}
