@@ -6,9 +6,12 @@ use std::rc::Rc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use std::time::Duration;
 use tessera_engine::config::StorageConfig;
 use tessera_engine::io::IoEngine;
-use tessera_engine::server::{self, FormatPolicy};
+
+use tessera_engine::report::{ReportTarget, report_loop};
+use tessera_engine::server::{self, FormatPolicy, Service};
 use tessera_net::proto::Role;
 use tessera_net::quic::{Alpn, Endpoint, TlsIdentity};
 use tessera_net::units::ByteSize;
@@ -58,6 +61,15 @@ struct StorageArgs {
     /// I/O engine: uring (io_uring, O_DIRECT) or std (page cache, for tmpfs).
     #[arg(long, value_name = "ENGINE")]
     io_engine: Option<IoEngine>,
+    /// Management server to register with and report to.
+    #[arg(long, value_name = "ADDR")]
+    mgmt: Option<SocketAddr>,
+    /// The management server's certificate name [default: mgmt].
+    #[arg(long, value_name = "NAME")]
+    mgmt_name: Option<String>,
+    /// Data address to announce to the management server [default: the bound address].
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<SocketAddr>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -79,6 +91,15 @@ impl StorageArgs {
         }
         if let Some(engine) = self.io_engine {
             config.io_engine = engine;
+        }
+        if let Some(mgmt) = self.mgmt {
+            config.mgmt = Some(mgmt);
+        }
+        if let Some(name) = self.mgmt_name {
+            config.mgmt_name = name;
+        }
+        if let Some(advertise) = self.advertise {
+            config.advertise = Some(advertise);
         }
         self.tls.apply(&mut config.tls)?;
         Ok(config)
@@ -131,16 +152,26 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let identity = storage_identity(&config)?;
     tokio_uring::start(async {
-        let store = Rc::new(server::open_store(&config, &identity, FormatPolicy::IfBlank).await?);
+        let store = server::open_store(&config, &identity, FormatPolicy::IfBlank).await?;
+        let service = Rc::new(Service::new(store));
         let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &Alpn::ALL)?;
         let addr = endpoint.local_addr()?;
         info!(name = %identity.me().name, %addr, data = %config.data.display(), "serving");
         server::announce(&identity.me().name, addr);
-        tokio_uring::spawn(server::serve(store.clone(), endpoint.clone()));
+        tokio_uring::spawn(server::serve(service.clone(), endpoint.clone()));
+        if let Some(mgmt) = config.mgmt {
+            let target = ReportTarget {
+                addr: mgmt,
+                name: config.mgmt_name.clone(),
+                advertise: config.advertise.unwrap_or(addr),
+                interval: Duration::from_millis(config.heartbeat_ms),
+            };
+            tokio_uring::spawn(report_loop(service.clone(), endpoint.clone(), target));
+        }
         shutdown_signal().await?;
         info!("shutting down");
         endpoint.close();
-        store.flush().await?;
+        service.store.flush().await?;
         Ok(())
     })
 }

@@ -6,7 +6,8 @@ mod common;
 
 use common::*;
 use tessera_net::proto::{
-    self, BLOCK_SIZE, Epoch, MgmtReply, Opcode, Refusal, Request, Role, Status, VolumeId,
+    self, BLOCK_SIZE, Epoch, MgmtReply, MgmtRequest, Opcode, Refusal, Request, Role, Status,
+    VolumeId,
 };
 use tessera_net::quic::{Alpn, read_reply};
 
@@ -450,6 +451,49 @@ async fn data_file_of_another_cluster_or_format_is_refused_untouched() {
         std::fs::read(&data).unwrap(),
         foreign,
         "foreign file was modified"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_pushes_of_a_new_volume_make_one_record() {
+    let cluster = TestCluster::new();
+    let mut server = StorageProc::start(&cluster, "store-1", "64M", &[]);
+    let pushes: Vec<_> = (1..=6u64)
+        .map(|epoch| {
+            let mgmt = cluster.endpoint(Role::Mgmt, "mgmt-1");
+            let map = whole_volume(7, epoch, SIZE, &[&server]);
+            let (addr, name) = (server.addr, server.name.clone());
+            tokio::spawn(async move {
+                let conn = mgmt
+                    .connect(addr, &name, Alpn::Mgmt, Role::Storage)
+                    .await
+                    .unwrap();
+                conn.mgmt(&MgmtRequest::PushMap { map }).await.unwrap()
+            })
+        })
+        .collect();
+    for p in pushes {
+        // Applied, or refused because a newer epoch got there first.
+        let reply = p.await.unwrap();
+        assert!(
+            matches!(
+                reply,
+                MgmtReply::Applied { .. } | MgmtReply::Refused(Refusal::Invalid { .. })
+            ),
+            "{reply:?}"
+        );
+    }
+    let client = cluster.endpoint(Role::Client, "app");
+    let conn = server.connect(&client).await;
+    let held = op(&conn, Opcode::Ping, 7, 0, 0, 0).await.epoch;
+    assert!(held.0 >= 1);
+    assert!(server.stop().success());
+    // One record per volume on disk: the server restarts with the same epoch.
+    let server = StorageProc::start(&cluster, "store-1", "64M", &[]);
+    let conn = server.connect(&client).await;
+    assert_eq!(
+        op(&conn, Opcode::Ping, 7, held.0, 0, 0).await.status,
+        Status::Ok
     );
 }
 

@@ -21,6 +21,15 @@ pub struct StorageConfig {
     pub size: ByteSize,
     /// Where the data and management service listens (QUIC, UDP).
     pub listen: SocketAddr,
+    /// Data address announced to the management server (default: the bound address).
+    pub advertise: Option<SocketAddr>,
+    /// Management server to register with; none runs the server standalone.
+    pub mgmt: Option<SocketAddr>,
+    /// The management server's certificate name.
+    pub mgmt_name: String,
+    /// Heartbeat interval (ms); the management server marks a server down
+    /// after its own timeout without one.
+    pub heartbeat_ms: u64,
     /// `uring` (io_uring, O_DIRECT) or `std` (page cache; only for tmpfs and the like).
     pub io_engine: IoEngine,
     /// Allocation unit of thin provisioning, set at format time.
@@ -37,6 +46,10 @@ impl Default for StorageConfig {
             data: PathBuf::from("tessera-data.img"),
             size: ByteSize(10 << 30),
             listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            advertise: None,
+            mgmt: None,
+            mgmt_name: "mgmt".into(),
+            heartbeat_ms: 1000,
             io_engine: IoEngine::Uring,
             slot_size: ByteSize(u64::from(DEFAULT_SLOT_SIZE)),
             max_volumes: DEFAULT_MAX_VOLUMES,

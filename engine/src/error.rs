@@ -78,6 +78,16 @@ pub enum EngineError {
         current: Epoch,
         pushed: Epoch,
     },
+    /// The device is smaller than when it was formatted.
+    #[error("{}: device has {now} bytes but was formatted with {formatted}", path.display())]
+    DeviceShrunk {
+        path: PathBuf,
+        formatted: u64,
+        now: u64,
+    },
+    /// A metadata write failed earlier; the store serves nothing until restarted.
+    #[error("the store stopped after a metadata write error; restart the server")]
+    Stopped,
     /// The transport failed.
     #[error(transparent)]
     Net(#[from] QuicError),

@@ -71,6 +71,11 @@ impl Geometry {
             let g = Self::layout(device_size, slot_size, max_volumes, slots);
             let fit = device_size.saturating_sub(g.data_start) / slot;
             if fit >= slots {
+                if slots > u64::from(u32::MAX) {
+                    return Err(format!(
+                        "{slots} slots is more than 2^32: use a larger slot size"
+                    ));
+                }
                 return if slots == 0 {
                     Err(format!(
                         "device of {device_size} bytes is too small: at least {} bytes are needed",
@@ -406,6 +411,10 @@ impl VolumeRecord {
         };
         if payload.is_empty() || u64_at(0)? == 0 {
             return Ok(None);
+        }
+        let page_size = u32_at(24)?;
+        if page_size == 0 || u64::from(page_size) % BLOCK != 0 {
+            return Err("page size in volume record is not a multiple of the block size");
         }
         let count = u32_at(28)? as usize;
         if count > MAX_RANGES {

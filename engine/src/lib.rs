@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod report;
 pub mod server;
 pub mod store;
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::rc::Rc;
 
 use tessera_net::proto::{
-    self, Epoch, MgmtReply, MgmtRequest, Opcode, REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply,
-    Request, Role, Status, VolumeId,
+    self, BLOCK_SIZE, Epoch, MgmtReply, MgmtRequest, Opcode, REQUEST_HEADER_LEN,
+    Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
 };
 use tessera_net::quic::{
     Alpn, Endpoint, PeerConnection, PeerIdentity, RecvStream, SendStream, TlsIdentity, VarInt,
@@ -72,12 +72,10 @@ pub enum FormatPolicy {
     Force,
 }
 
-/// Create the data file if missing, or extend a blank one to `size`; returns the device size.
-fn prepare(path: &Path, size: u64) -> Result<u64, EngineError> {
-    let err = |op| {
-        let path = path.to_path_buf();
-        move |source| EngineError::Io { op, path, source }
-    };
+/// Open (creating if missing) and lock the data file, so that a second server
+/// on the same file fails instead of corrupting it; the lock lasts as long as
+/// the returned file is open.
+fn open_locked(path: &Path) -> Result<std::fs::File, EngineError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -85,14 +83,33 @@ fn prepare(path: &Path, size: u64) -> Result<u64, EngineError> {
         .truncate(false)
         .mode(0o600)
         .open(path)
-        .map_err(err("open"))?;
+        .map_err(|source| EngineError::Io {
+            op: "open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(EngineError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+/// Extend a blank data file to `size`; returns the device size.
+fn prepare(file: &std::fs::File, path: &Path, size: u64) -> Result<u64, EngineError> {
+    let err = |op| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { op, path, source }
+    };
     let meta = file.metadata().map_err(err("stat"))?;
     if !meta.file_type().is_file() {
         // A block device keeps its size.
         let mut file = file;
         return std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(err("size"));
     }
-    if meta.len() < size && superblock_is_blank(&file) {
+    if meta.len() < size && superblock_is_blank(file) {
         file.set_len(size).map_err(err("extend"))?;
         // Reserve the space now so the server cannot run out of it later;
         // filesystems without fallocate keep a sparse file.
@@ -113,23 +130,6 @@ fn superblock_is_blank(file: &std::fs::File) -> bool {
         Ok(n) => first[..n].iter().all(|b| *b == 0),
         Err(_) => false,
     }
-}
-
-/// Hold an exclusive lock on the data file for the life of the process, so
-/// that a second server on the same file fails instead of corrupting it.
-fn lock_exclusive(path: &Path) -> Result<std::fs::File, EngineError> {
-    let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
-        op: "open",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: plain syscall on an open descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(EngineError::InUse {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(file)
 }
 
 fn open_device(path: &Path, engine: IoEngine) -> Result<AnyDevice, EngineError> {
@@ -167,8 +167,8 @@ pub async fn open_store(
     policy: FormatPolicy,
 ) -> Result<Store<AnyDevice>, EngineError> {
     let path = &config.data;
-    let device_size = prepare(path, config.size.0)?;
-    let lock = lock_exclusive(path)?;
+    let lock = open_locked(path)?;
+    let device_size = prepare(&lock, path, config.size.0)?;
     let dev = open_device(path, config.io_engine)?;
     let cluster_id = identity.cluster_id();
     let me = &identity.me().name;
@@ -199,6 +199,13 @@ pub async fn open_store(
                     path: path.clone(),
                     expected: me.clone(),
                     found: sb.server_name,
+                });
+            }
+            if device_size < sb.geometry.device_size {
+                return Err(EngineError::DeviceShrunk {
+                    path: path.clone(),
+                    formatted: sb.geometry.device_size,
+                    now: device_size,
                 });
             }
             if sb.geometry.device_size != device_size {
@@ -238,10 +245,37 @@ pub async fn open_store(
     Store::open(dev, lock, path, superblock).await
 }
 
-/// Serve the store on `endpoint` until it is closed.
-pub async fn serve(store: Rc<Store<AnyDevice>>, endpoint: Endpoint) {
+/// The storage service: the store, and a signal to the report loop that a
+/// client knows a newer epoch than this server (so its map is out of date).
+#[derive(Debug)]
+pub struct Service {
+    pub store: Store<AnyDevice>,
+    pub refresh: tokio::sync::Notify,
+    /// Payload bytes in memory across all requests, in blocks: taken before
+    /// a buffer is allocated, so many headers without payloads cannot
+    /// exhaust memory; requests over the budget wait.
+    budget: tokio::sync::Semaphore,
+}
+
+/// Payload memory all requests together may hold.
+const IO_BUDGET: usize = 256 << 20;
+/// How long a peer may take to deliver a payload or accept a reply.
+const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Service {
+    pub fn new(store: Store<AnyDevice>) -> Self {
+        Service {
+            store,
+            refresh: tokio::sync::Notify::new(),
+            budget: tokio::sync::Semaphore::new(IO_BUDGET / BLOCK_SIZE as usize),
+        }
+    }
+}
+
+/// Serve on `endpoint` until it is closed.
+pub async fn serve(service: Rc<Service>, endpoint: Endpoint) {
     while let Some(handshake) = endpoint.accept().await {
-        let store = store.clone();
+        let store = service.clone();
         tokio_uring::spawn(async move {
             let remote = handshake.remote_address();
             match handshake.finish().await {
@@ -255,19 +289,26 @@ pub async fn serve(store: Rc<Store<AnyDevice>>, endpoint: Endpoint) {
     }
 }
 
-async fn serve_connection(store: Rc<Store<AnyDevice>>, conn: PeerConnection) {
+async fn serve_connection(service: Rc<Service>, conn: PeerConnection) {
     while let Some((send, recv)) = conn.accept_stream().await {
-        let store = store.clone();
+        let service = service.clone();
         let peer = conn.peer().clone();
         match conn.alpn() {
             Alpn::Data => {
-                tokio_uring::spawn(serve_data_stream(store, peer, send, recv));
+                tokio_uring::spawn(serve_data_stream(service, peer, send, recv));
             }
             Alpn::Mgmt => {
                 tokio_uring::spawn(async move {
+                    let store = &service.store;
                     let handled = serve_mgmt_stream(&peer, send, recv, |request| async move {
                         match request {
                             MgmtRequest::PushMap { map } => store.handle_push(&map).await,
+                            MgmtRequest::DropVolume { id } => match store.drop_volume(id).await {
+                                Ok(()) => MgmtReply::Applied { epoch: Epoch(0) },
+                                Err(e) => MgmtReply::Refused(MgmtRefusal::Invalid {
+                                    reason: e.to_string(),
+                                }),
+                            },
                             MgmtRequest::Ping => MgmtReply::Pong {
                                 epoch: store
                                     .volumes()
@@ -298,7 +339,7 @@ async fn serve_connection(store: Rc<Store<AnyDevice>>, conn: PeerConnection) {
 static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
 
 async fn serve_data_stream(
-    store: Rc<Store<AnyDevice>>,
+    service: Rc<Service>,
     peer: PeerIdentity,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -322,8 +363,17 @@ async fn serve_data_stream(
             return;
         }
     };
+    // Reads and writes hold their payload's share of the budget until the reply is sent.
+    let blocks = if matches!(request.opcode, Opcode::Read | Opcode::Write) {
+        request.length / BLOCK_SIZE
+    } else {
+        0
+    };
+    let Ok(_budget) = service.budget.acquire_many(blocks).await else {
+        return;
+    };
     let outcome = if matches!(peer.role, Role::Client | Role::Storage) {
-        execute(&store, &request, &mut recv).await
+        execute(&service, &request, &mut recv).await
     } else {
         Err(Refusal {
             status: Status::Forbidden,
@@ -332,7 +382,15 @@ async fn serve_data_stream(
         })
     };
     let result = match outcome {
-        Ok((epoch, pieces)) => send_pieces(&mut send, &request, epoch, &pieces).await,
+        Ok((epoch, pieces)) => tokio::time::timeout(
+            STREAM_TIMEOUT,
+            send_pieces(&mut send, &request, epoch, &pieces),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            let _ = send.reset(VarInt::from_u32(0));
+            Ok(())
+        }),
         Err(refusal) => {
             debug!(%peer, id = request.request_id, status = ?refusal.status, message = %refusal.message, "refused");
             refuse(&mut send, &mut recv, request.request_id, &refusal).await;
@@ -345,23 +403,41 @@ async fn serve_data_stream(
 }
 
 async fn execute(
-    store: &Store<AnyDevice>,
+    service: &Service,
     request: &Request,
     recv: &mut RecvStream,
 ) -> Result<(Epoch, Vec<ReadPiece>), Refusal> {
+    let store = &service.store;
     if request.opcode == Opcode::Ping && request.volume == VolumeId(0) {
         return Ok((Epoch(0), Vec::new()));
     }
-    let volume = store.lookup(request)?;
+    let volume = store
+        .lookup(request)
+        .inspect_err(|_| service.refresh.notify_one())?;
     // Refuse before reading a payload or touching the disk...
-    store.check(&volume, request)?;
+    store.check(&volume, request).inspect_err(|refusal| {
+        if refusal.status == Status::StaleEpoch && request.epoch > refusal.epoch {
+            // The client has seen a newer map than ours: fetch it now.
+            service.refresh.notify_one();
+        }
+    })?;
     let payload = if request.opcode == Opcode::Write {
         let mut buf = AlignedBuf::zeroed(request.payload_len());
-        recv.read_exact(&mut buf).await.map_err(|e| Refusal {
+        let received = tokio::time::timeout(STREAM_TIMEOUT, recv.read_exact(&mut buf)).await;
+        let refusal = |message: String| Refusal {
             status: Status::BadRequest,
             epoch: volume.epoch(),
-            message: format!("payload not received: {e}"),
-        })?;
+            message,
+        };
+        match received {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(refusal(format!("payload not received: {e}"))),
+            Err(_) => {
+                return Err(refusal(format!(
+                    "payload not received within {STREAM_TIMEOUT:?}"
+                )));
+            }
+        }
         request.verify_payload(&buf).map_err(|e| Refusal {
             status: e.status(),
             epoch: volume.epoch(),
@@ -439,8 +515,11 @@ async fn send_pieces(
 
 /// Answer with a refusal and stop reading whatever the peer still sends.
 async fn refuse(send: &mut SendStream, recv: &mut RecvStream, request_id: u64, refusal: &Refusal) {
-    let message = refusal.message.as_bytes();
-    let message = &message[..message.len().min(proto::MAX_ERROR_MESSAGE as usize)];
+    let mut cut = refusal.message.len().min(proto::MAX_ERROR_MESSAGE as usize);
+    while !refusal.message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &refusal.message.as_bytes()[..cut];
     let reply = Reply::new(refusal.status, refusal.epoch, request_id, message);
     let _ = recv.stop(VarInt::from_u32(0));
     let delivered = async {

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use tessera_net::proto::{Epoch, MgmtReply, Request, Status, VolumeId, VolumeMap};
+use tessera_net::proto::{Epoch, MAX_VOLUME_SIZE, MgmtReply, Request, Status, VolumeId, VolumeMap};
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
 use tracing::{info, warn};
 
@@ -97,6 +97,15 @@ pub struct Store<D> {
     free_records: RefCell<BTreeSet<u64>>,
     slot_table: RefCell<Vec<SlotEntry>>,
     free_slots: RefCell<BTreeSet<u32>>,
+    /// Slots freed since the last sync: not reused until a sync has made the
+    /// cleared slot-table entries durable, so that after power loss no slot
+    /// can be claimed by two chunks or show one volume's bytes in another.
+    quarantine: RefCell<Vec<u32>>,
+    /// Serializes map pushes and volume drops (they create and remove volumes).
+    map_lock: Mutex<()>,
+    /// Set when a metadata write failed: memory and disk may disagree, so
+    /// the store stops serving until it is restarted and reloaded from disk.
+    failed: Cell<bool>,
     chunks: RefCell<HashMap<ChunkKey, Rc<RwLock<Option<u32>>>>>,
 }
 
@@ -158,6 +167,16 @@ pub async fn format<D: BlockDevice>(
     sb: &Superblock,
 ) -> Result<(), EngineError> {
     const CHUNK: u64 = 1 << 20;
+    // Clear the old superblock first: an interrupted format must not leave a
+    // valid superblock over half-cleared metadata.
+    let (res, _) = dev
+        .write_at(
+            AlignedBuf::zeroed(2 * BLOCK as usize),
+            0..2 * BLOCK as usize,
+            0,
+        )
+        .await;
+    res.map_err(io_err("format", path))?;
     let meta = sb.geometry.metadata_blocks();
     let (mut pos, end) = (meta.start * BLOCK, meta.end * BLOCK);
     let mut zeroes = AlignedBuf::zeroed(CHUNK as usize);
@@ -202,6 +221,12 @@ impl<D: BlockDevice> Store<D> {
                 lock: Mutex::new(()),
             });
             match VolumeRecord::decode(payload) {
+                Ok(Some(record)) if volumes.contains_key(&record.id) => {
+                    warn!(index, volume = %record.id, "volume recorded twice");
+                    return Err(EngineError::MetadataDamaged {
+                        block: Geometry::copy_a(g.volume_table, index),
+                    });
+                }
                 Ok(Some(record)) => {
                     let id = record.id;
                     volumes.insert(
@@ -285,6 +310,9 @@ impl<D: BlockDevice> Store<D> {
             free_records: RefCell::new(free_records),
             slot_table: RefCell::new(slot_table),
             free_slots: RefCell::new(free_slots),
+            quarantine: RefCell::default(),
+            map_lock: Mutex::new(()),
+            failed: Cell::new(false),
             chunks: RefCell::new(chunks),
         })
     }
@@ -331,7 +359,11 @@ impl<D: BlockDevice> Store<D> {
                 (home + format::copy_for(seq)) * BLOCK,
             )
             .await;
-        res.map_err(io_err("write metadata of", &self.path))?;
+        if let Err(e) = res {
+            tracing::error!(error = %e, block = home, "metadata write failed: the store stops serving until restarted");
+            self.failed.set(true);
+            return Err(io_err("write metadata of", &self.path)(e));
+        }
         block.seq.set(seq);
         Ok(())
     }
@@ -376,6 +408,13 @@ impl<D: BlockDevice> Store<D> {
     /// admitted under the previous epoch have finished; returns the new epoch
     /// once it is durable.
     pub async fn apply_map(&self, map: &VolumeMap) -> Result<Epoch, EngineError> {
+        let _serial = self.map_lock.lock().await;
+        self.ensure_serving()?;
+        if map.id == VolumeId(0) || map.size > MAX_VOLUME_SIZE {
+            return Err(EngineError::Config {
+                reason: format!("volume id {} or size {} is not valid", map.id, map.size),
+            });
+        }
         let me = &self.superblock.server_name;
         let ranges = owned_ranges(map, me);
         let record = VolumeRecord {
@@ -432,10 +471,58 @@ impl<D: BlockDevice> Store<D> {
         Ok(map.epoch)
     }
 
+    /// Forget a deleted volume: free every slot it holds, then its record.
+    /// Waits for requests in flight on it; later ones get NOT_OWNER.
+    pub async fn drop_volume(&self, id: VolumeId) -> Result<(), EngineError> {
+        let _serial = self.map_lock.lock().await;
+        self.ensure_serving()?;
+        let Some(volume) = self.volume(id) else {
+            return Ok(());
+        };
+        let _exclusive = volume.gate.write().await;
+        let keys: Vec<ChunkKey> = self
+            .chunks
+            .borrow()
+            .keys()
+            .filter(|(v, _)| *v == id)
+            .copied()
+            .collect();
+        for key in keys {
+            let Some(lock) = self.chunk_lock(key, false) else {
+                continue;
+            };
+            let mut slot = lock.write().await;
+            if let Some(s) = *slot {
+                self.write_slot_entry(s, SlotEntry::default()).await?;
+                *slot = None;
+                self.quarantine.borrow_mut().push(s);
+            }
+            self.chunks.borrow_mut().remove(&key);
+        }
+        let block = &self.volume_blocks[volume.record_index as usize];
+        {
+            let _lock = block.lock.lock().await;
+            let home = Geometry::copy_a(self.superblock.geometry.volume_table, volume.record_index);
+            // An all-zero record is an empty one.
+            self.write_meta(block, home, &[]).await?;
+        }
+        self.volumes.borrow_mut().remove(&id);
+        self.free_records.borrow_mut().insert(volume.record_index);
+        info!(volume = %id, "volume dropped");
+        Ok(())
+    }
+
     /// The checks every data request passes before any disk I/O: the volume
     /// is held, the epoch matches, the range lies inside the volume and in
     /// pages this server holds. Does not wait; see [`Store::admit`].
     pub fn check(&self, volume: &Volume, request: &Request) -> Result<(), Refusal> {
+        if self.failed.get() {
+            return Err(Refusal::new(
+                Status::IoError,
+                volume.epoch(),
+                "the store stopped after a metadata write error; restart the server",
+            ));
+        }
         let record = volume.record.borrow();
         if request.epoch != record.epoch {
             return Err(Refusal::new(
@@ -513,7 +600,7 @@ impl<D: BlockDevice> Store<D> {
         let (mut pos, end) = (offset, offset + len);
         while pos < end {
             let chunk = pos / slot;
-            let piece_end = end.min((chunk + 1) * slot);
+            let piece_end = end.min((chunk + 1).saturating_mul(slot));
             let at = (pos - offset) as usize..(piece_end - offset) as usize;
             out.push((chunk, pos - chunk * slot..piece_end - chunk * slot, at));
             pos = piece_end;
@@ -589,11 +676,17 @@ impl<D: BlockDevice> Store<D> {
                 res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
                 continue;
             }
-            let slot = self
+            match self
                 .allocate(volume.id, chunk, &data[at], within.start as usize)
                 .await
-                .map_err(|e| self.io_refusal(volume, &e))?;
-            *exclusive = Some(slot);
+            {
+                Ok(slot) => *exclusive = Some(slot),
+                Err(e) => {
+                    drop(exclusive);
+                    self.forget_if_idle((volume.id, chunk), &lock);
+                    return Err(self.io_refusal(volume, &e));
+                }
+            }
         }
         if fua {
             self.flush()
@@ -611,6 +704,10 @@ impl<D: BlockDevice> Store<D> {
         at: usize,
     ) -> Result<u32, EngineError> {
         let g = self.superblock.geometry;
+        if self.free_slots.borrow().is_empty() && !self.quarantine.borrow().is_empty() {
+            // Slots wait in quarantine for a sync; when space runs out, sync now.
+            self.flush().await?;
+        }
         let slot = self
             .free_slots
             .borrow_mut()
@@ -651,8 +748,10 @@ impl<D: BlockDevice> Store<D> {
                         .await
                         .map_err(|e| self.io_refusal(volume, &e))?;
                     *exclusive = None;
-                    self.free_slots.borrow_mut().insert(slot);
+                    self.quarantine.borrow_mut().push(slot);
                 }
+                drop(exclusive);
+                self.forget_if_idle((volume.id, chunk), &lock);
                 continue;
             }
             let shared = lock.read().await;
@@ -674,10 +773,31 @@ impl<D: BlockDevice> Store<D> {
 
     /// Make every completed write durable.
     pub async fn flush(&self) -> Result<(), EngineError> {
+        let synced = self.quarantine.borrow().len();
         self.dev
             .sync_data()
             .await
-            .map_err(io_err("sync", &self.path))
+            .map_err(io_err("sync", &self.path))?;
+        // Slots freed before the sync are durably free now.
+        let released: Vec<u32> = self.quarantine.borrow_mut().drain(..synced).collect();
+        self.free_slots.borrow_mut().extend(released);
+        Ok(())
+    }
+
+    /// Drop a chunk's lock from the table when the chunk holds no slot and
+    /// no task holds the lock, so unallocated chunks cost no memory.
+    fn forget_if_idle(&self, key: ChunkKey, lock: &Rc<RwLock<Option<u32>>>) {
+        // One reference in the table, one here: nobody else is waiting on it.
+        if Rc::strong_count(lock) == 2 && lock.try_read().is_ok_and(|slot| slot.is_none()) {
+            self.chunks.borrow_mut().remove(&key);
+        }
+    }
+
+    fn ensure_serving(&self) -> Result<(), EngineError> {
+        if self.failed.get() {
+            return Err(EngineError::Stopped);
+        }
+        Ok(())
     }
 
     /// The answer to a map push, for the management protocol.

@@ -21,6 +21,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const BLOCK_SIZE: u32 = 4096;
 /// The largest range one request may cover (drivers split larger I/O).
 pub const MAX_IO_LEN: u32 = 4 << 20;
+/// The largest volume: keeps every byte offset computation far from overflow.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
 /// The longest error message an error reply may carry.
 pub const MAX_ERROR_MESSAGE: u32 = 1024;
 /// Size of [`RequestHeader`] on the wire.

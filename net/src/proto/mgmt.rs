@@ -126,24 +126,29 @@ pub enum AdminCommand {
         name: String,
         size: u64,
     },
-    SetPartition {
-        volume: String,
-        first_page: u64,
-        end_page: u64,
-        servers: Vec<String>,
-    },
     RemoveServer {
         name: String,
         force: bool,
     },
-    FenceClient {
-        volume: String,
-        client: String,
-    },
-    UnfenceClient {
-        volume: String,
-        client: String,
-    },
+}
+
+/// A storage server as the management server sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub capacity: u64,
+    pub up: bool,
+    /// The epochs it last reported holding, per volume.
+    pub held: Vec<(VolumeId, Epoch)>,
+}
+
+/// The whole configuration map, for `tessera status` and listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub epoch: Epoch,
+    pub servers: Vec<ServerStatus>,
+    pub volumes: Vec<VolumeMap>,
 }
 
 /// A request to a management server.
@@ -162,10 +167,14 @@ pub enum MgmtRequest {
     GetMap { volume: String },
     /// Change the configuration map.
     Admin(AdminCommand),
+    /// The whole map: servers, volumes, epochs.
+    Status,
     /// Management server to storage server: the new map slice of a volume.
     /// Acknowledged with `Applied` once the server holds the new epoch durably
     /// and no request admitted under the old one is still running.
     PushMap { map: VolumeMap },
+    /// Management server to storage server: the volume was deleted; free its data.
+    DropVolume { id: VolumeId },
 }
 
 impl MgmtRequest {
@@ -177,7 +186,9 @@ impl MgmtRequest {
             MgmtRequest::Heartbeat { .. } => "heartbeat",
             MgmtRequest::GetMap { .. } => "get-map",
             MgmtRequest::Admin(_) => "admin",
+            MgmtRequest::Status => "status",
             MgmtRequest::PushMap { .. } => "push-map",
+            MgmtRequest::DropVolume { .. } => "drop-volume",
         }
     }
 
@@ -188,7 +199,8 @@ impl MgmtRequest {
             MgmtRequest::Register { .. } | MgmtRequest::Heartbeat { .. } => role == Role::Storage,
             MgmtRequest::GetMap { .. } => true,
             MgmtRequest::Admin(_) => role == Role::Admin,
-            MgmtRequest::PushMap { .. } => role == Role::Mgmt,
+            MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
+            MgmtRequest::PushMap { .. } | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
         }
     }
 }
@@ -226,6 +238,14 @@ pub enum MgmtReply {
     Applied {
         epoch: Epoch,
     },
+    /// Answer to a heartbeat: map slices the server does not hold at their
+    /// current epoch, and volumes it holds that no longer exist.
+    Maps {
+        epoch: Epoch,
+        maps: Vec<VolumeMap>,
+        dropped: Vec<VolumeId>,
+    },
+    Status(ClusterStatus),
     Refused(Refusal),
 }
 

@@ -13,12 +13,14 @@ pub mod mgmt;
 
 pub use error::ProtoError;
 pub use header::{
-    BLOCK_SIZE, Epoch, FLAG_FUA, MAX_ERROR_MESSAGE, MAX_IO_LEN, Opcode, REPLY_HEADER_LEN,
-    REQUEST_HEADER_LEN, Reply, Request, Status, VolumeId, checksum, parse_reply, parse_request,
+    BLOCK_SIZE, Epoch, FLAG_FUA, MAX_ERROR_MESSAGE, MAX_IO_LEN, MAX_VOLUME_SIZE, Opcode,
+    REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Reply, Request, Status, VolumeId, checksum, parse_reply,
+    parse_request,
 };
 pub use mgmt::{
-    AdminCommand, MAX_FRAME_LEN, MgmtReply, MgmtRequest, MirrorState, Partition, Refusal, Replica,
-    Role, VolumeMap, decode_frame, decode_frame_body, encode_frame, frame_len,
+    AdminCommand, ClusterStatus, MAX_FRAME_LEN, MgmtReply, MgmtRequest, MirrorState, Partition,
+    Refusal, Replica, Role, ServerStatus, VolumeMap, decode_frame, decode_frame_body, encode_frame,
+    frame_len,
 };
 
 #[cfg(test)]

@@ -191,24 +191,13 @@ fn all_requests() -> Vec<MgmtRequest> {
             name: s("db"),
             size: 2 << 30,
         }),
-        MgmtRequest::Admin(AdminCommand::SetPartition {
-            volume: s("db"),
-            first_page: 0,
-            end_page: 8,
-            servers: vec![s("a")],
-        }),
         MgmtRequest::Admin(AdminCommand::RemoveServer {
             name: s("a"),
             force: true,
         }),
-        MgmtRequest::Admin(AdminCommand::FenceClient {
-            volume: s("db"),
-            client: s("c"),
-        }),
-        MgmtRequest::Admin(AdminCommand::UnfenceClient {
-            volume: s("db"),
-            client: s("c"),
-        }),
+        MgmtRequest::Status,
+        MgmtRequest::PushMap { map: sample_map() },
+        MgmtRequest::DropVolume { id: VolumeId(4) },
     ]
 }
 
@@ -219,6 +208,22 @@ fn all_replies() -> Vec<MgmtReply> {
         MgmtReply::Registered { epoch: Epoch(2) },
         MgmtReply::Map(sample_map()),
         MgmtReply::Applied { epoch: Epoch(3) },
+        MgmtReply::Maps {
+            epoch: Epoch(4),
+            maps: vec![sample_map()],
+            dropped: vec![VolumeId(2)],
+        },
+        MgmtReply::Status(ClusterStatus {
+            epoch: Epoch(5),
+            servers: vec![ServerStatus {
+                name: s("s1"),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                capacity: 1 << 30,
+                up: true,
+                held: vec![(VolumeId(3), Epoch(9))],
+            }],
+            volumes: vec![sample_map()],
+        }),
         MgmtReply::Refused(Refusal::Forbidden {
             role: Role::Client,
             operation: s("admin"),
@@ -267,7 +272,8 @@ fn role_policy() {
                     role == Role::Storage
                 }
                 MgmtRequest::Admin(_) => role == Role::Admin,
-                MgmtRequest::PushMap { .. } => role == Role::Mgmt,
+                MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
+                MgmtRequest::PushMap { .. } | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
             };
             assert_eq!(request.permits(role), expected, "{request:?} by {role}");
         }

@@ -1,0 +1,93 @@
+//! Membership: register with the management server, heartbeat, and apply the
+//! map slices it answers with (so a server that was away catches up).
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tessera_net::proto::{MgmtReply, MgmtRequest, Role};
+use tessera_net::quic::{Alpn, ConnectError, Endpoint, PeerConnection, QuicError};
+use tracing::{info, warn};
+
+use crate::server::Service;
+
+/// Where the management server is and how often to report.
+#[derive(Debug, Clone)]
+pub struct ReportTarget {
+    pub addr: SocketAddr,
+    /// The management server's certificate name.
+    pub name: String,
+    /// The data address clients should dial.
+    pub advertise: SocketAddr,
+    pub interval: Duration,
+}
+
+/// Register, then heartbeat every `interval` (or at once when a client shows
+/// a newer epoch) until the endpoint closes; reconnects after failures.
+pub async fn report_loop(service: Rc<Service>, endpoint: Endpoint, target: ReportTarget) {
+    loop {
+        match endpoint
+            .connect(target.addr, &target.name, Alpn::Mgmt, Role::Mgmt)
+            .await
+        {
+            Ok(conn) => {
+                if let Err(e) = session(&service, &conn, &target).await {
+                    warn!(mgmt = %target.addr, error = %e, "lost the management server");
+                }
+            }
+            Err(QuicError::Connect(ConnectError::EndpointStopping)) => return,
+            Err(e) => warn!(mgmt = %target.addr, error = %e, "cannot reach the management server"),
+        }
+        tokio::time::sleep(target.interval).await;
+    }
+}
+
+async fn session(
+    service: &Service,
+    conn: &PeerConnection,
+    target: &ReportTarget,
+) -> Result<(), QuicError> {
+    let (_, slots) = service.store.slot_usage();
+    let slot_size = u64::from(service.store.superblock().geometry.slot_size);
+    let reply = conn
+        .mgmt(&MgmtRequest::Register {
+            data_addr: target.advertise,
+            capacity: slots * slot_size,
+        })
+        .await?;
+    match reply {
+        MgmtReply::Registered { epoch } => info!(mgmt = %target.addr, %epoch, "registered"),
+        other => warn!(?other, "registration refused"),
+    }
+    loop {
+        let held = service
+            .store
+            .volumes()
+            .iter()
+            .map(|v| (v.id, v.epoch()))
+            .collect();
+        match conn.mgmt(&MgmtRequest::Heartbeat { held }).await? {
+            MgmtReply::Maps { maps, dropped, .. } => {
+                for map in maps {
+                    if let MgmtReply::Refused(refusal) = service.store.handle_push(&map).await {
+                        warn!(volume = %map.id, %refusal, "map from heartbeat not applied");
+                    }
+                }
+                for id in dropped {
+                    if let Err(e) = service.store.drop_volume(id).await {
+                        warn!(volume = %id, error = %e, "cannot drop volume");
+                    }
+                }
+            }
+            MgmtReply::Refused(refusal) => {
+                warn!(%refusal, "heartbeat refused; registering again");
+                return Ok(());
+            }
+            other => warn!(?other, "unexpected heartbeat reply"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(target.interval) => {}
+            () = service.refresh.notified() => {}
+        }
+    }
+}
