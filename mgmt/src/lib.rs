@@ -2,9 +2,11 @@
 //!
 //! * [`state`]: the configuration map as a deterministic state machine.
 //! * [`db`]: its durable form (command log and current state) in redb.
+//! * [`server`]: the QUIC service, one task owning the state, config push.
 
 pub mod db;
 pub mod error;
+pub mod server;
 pub mod state;
 
 pub use error::MgmtError;

@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use tessera_net::proto::{
-    BLOCK_SIZE, Epoch, MirrorState, Partition, Refusal, Replica, VolumeId, VolumeMap,
+    BLOCK_SIZE, Epoch, MAX_VOLUME_SIZE, MirrorState, Partition, Refusal, Replica, VolumeId,
+    VolumeMap,
 };
 
 /// Largest page size a volume may have (a request covers at most one page).
@@ -246,11 +247,7 @@ impl ClusterState {
                         "page size {page_size} must be a multiple of {BLOCK_SIZE} up to {MAX_PAGE_SIZE}"
                     )));
                 }
-                if *size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
-                    return Err(invalid(format!(
-                        "size {size} must be a positive multiple of {BLOCK_SIZE}"
-                    )));
-                }
+                check_size(*size)?;
                 if *replicas == 0 {
                     return Err(invalid("a volume needs at least one replica"));
                 }
@@ -308,11 +305,7 @@ impl ClusterState {
                     .volumes
                     .get_mut(name)
                     .ok_or_else(|| not_found("volume", name))?;
-                if *size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
-                    return Err(invalid(format!(
-                        "size {size} must be a positive multiple of {BLOCK_SIZE}"
-                    )));
-                }
+                check_size(*size)?;
                 if *size < volume.size {
                     // Storage servers do not yet report how far a volume is
                     // written, so a shrink could cut off data: refused.
@@ -378,6 +371,15 @@ impl ClusterState {
             .find(|(_, v)| v.id == id)
             .map(|(n, _)| n.as_str())
     }
+}
+
+fn check_size(size: u64) -> Result<(), Refusal> {
+    if size == 0 || !size.is_multiple_of(u64::from(BLOCK_SIZE)) || size > MAX_VOLUME_SIZE {
+        return Err(invalid(format!(
+            "size {size} must be a positive multiple of {BLOCK_SIZE} up to {MAX_VOLUME_SIZE}"
+        )));
+    }
+    Ok(())
 }
 
 fn validate_volume_name(name: &str) -> Result<(), Refusal> {

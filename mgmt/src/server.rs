@@ -1,0 +1,480 @@
+//! The management service: one task owns the state and applies every change;
+//! connection tasks hand it requests and wait for its answer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tessera_net::proto::{
+    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, Refusal, Role, ServerStatus,
+    VolumeId, VolumeMap,
+};
+use tessera_net::quic::{
+    Alpn, Connector, Endpoint, PeerConnection, PeerIdentity, TlsPaths, TransportTuning,
+    serve_mgmt_stream,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::db::Db;
+use crate::error::MgmtError;
+use crate::state::{ClusterState, Command, Outcome};
+
+/// Settings of `tessera mgmt`; the file is TOML, command-line flags override it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MgmtConfig {
+    /// Directory of the state database.
+    pub state: PathBuf,
+    /// Where the management service listens (QUIC, UDP).
+    pub listen: SocketAddr,
+    /// A storage server silent this long (ms) is marked down.
+    pub heartbeat_timeout_ms: u64,
+    /// How long (ms) a config push may take before the server is marked down.
+    pub push_timeout_ms: u64,
+    pub tls: TlsPaths,
+    pub transport: TransportTuning,
+}
+
+impl Default for MgmtConfig {
+    fn default() -> Self {
+        MgmtConfig {
+            state: PathBuf::from("tessera-mgmt"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            heartbeat_timeout_ms: 5_000,
+            push_timeout_ms: 2_000,
+            tls: TlsPaths::default(),
+            transport: TransportTuning::default(),
+        }
+    }
+}
+
+impl MgmtConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self, MgmtError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MgmtError::Io {
+            op: "read config",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| MgmtError::Config {
+            reason: format!("{}: {}", path.display(), e.message()),
+        })
+    }
+}
+
+struct Request {
+    peer: PeerIdentity,
+    request: MgmtRequest,
+    reply: oneshot::Sender<MgmtReply>,
+}
+
+/// The single owner of the configuration map.
+struct Manager {
+    state: ClusterState,
+    db: Db,
+    connector: Connector,
+    last_seen: HashMap<String, Instant>,
+    /// The epoch each server last acknowledged or reported, per volume.
+    held: HashMap<String, HashMap<VolumeId, Epoch>>,
+    heartbeat_timeout: Duration,
+    push_timeout: Duration,
+}
+
+/// Bind, announce, and serve until `shutdown` resolves.
+pub async fn run(
+    config: MgmtConfig,
+    identity: tessera_net::quic::TlsIdentity,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), MgmtError> {
+    let (db, state) = Db::open(&config.state)?;
+    let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &[Alpn::Mgmt])?;
+    let addr = endpoint.local_addr()?;
+    info!(%addr, epoch = %state.epoch, servers = state.servers.len(), volumes = state.volumes.len(), "management server up");
+    println!("tessera mgmt {} serving on {addr}", identity.me().name);
+    let now = Instant::now();
+    let mut manager = Manager {
+        last_seen: state.servers.keys().map(|s| (s.clone(), now)).collect(),
+        state,
+        db,
+        connector: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Storage),
+        held: HashMap::new(),
+        heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
+        push_timeout: Duration::from_millis(config.push_timeout_ms),
+    };
+    let (tx, mut rx) = mpsc::channel::<Request>(1024);
+    tokio::spawn(accept_loop(endpoint.clone(), tx));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            Some(request) = rx.recv() => {
+                let reply = manager.handle(&request.peer, request.request).await;
+                let _ = request.reply.send(reply);
+            }
+            _ = tick.tick() => manager.check_heartbeats().await,
+            () = &mut shutdown => break,
+        }
+    }
+    info!("shutting down");
+    endpoint.close();
+    Ok(())
+}
+
+async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Request>) {
+    while let Some(handshake) = endpoint.accept().await {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let remote = handshake.remote_address();
+            match handshake.finish().await {
+                Ok(conn) => serve_connection(conn, tx).await,
+                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(conn: PeerConnection, tx: mpsc::Sender<Request>) {
+    while let Some((send, recv)) = conn.accept_stream().await {
+        let peer = conn.peer().clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let handled = serve_mgmt_stream(&peer.clone(), send, recv, |request| async move {
+                let (reply, answer) = oneshot::channel();
+                let unavailable = || {
+                    MgmtReply::Refused(Refusal::Unavailable {
+                        reason: "shutting down".into(),
+                    })
+                };
+                if tx
+                    .send(Request {
+                        peer,
+                        request,
+                        reply,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return unavailable();
+                }
+                answer.await.unwrap_or_else(|_| unavailable())
+            })
+            .await;
+            if let Err(e) = handled {
+                debug!(error = %e, "management stream failed");
+            }
+        });
+    }
+}
+
+impl Manager {
+    async fn handle(&mut self, peer: &PeerIdentity, request: MgmtRequest) -> MgmtReply {
+        let reply = match request {
+            MgmtRequest::Ping => Ok(MgmtReply::Pong {
+                epoch: self.state.epoch,
+            }),
+            MgmtRequest::Register {
+                data_addr,
+                capacity,
+            } => self.register(peer, data_addr, capacity).await,
+            MgmtRequest::Heartbeat { held } => self.heartbeat(peer, held).await,
+            MgmtRequest::GetMap { volume } => self
+                .state
+                .volume_map(&volume)
+                .map(MgmtReply::Map)
+                .ok_or(Refusal::NotFound {
+                    kind: "volume".into(),
+                    name: volume,
+                }),
+            MgmtRequest::Status => Ok(MgmtReply::Status(self.status())),
+            MgmtRequest::Admin(command) => {
+                info!(%peer, ?command, "admin command");
+                self.execute(admin_command(command))
+                    .await
+                    .map(|epoch| MgmtReply::Applied { epoch })
+            }
+            other @ (MgmtRequest::PushMap { .. } | MgmtRequest::DropVolume { .. }) => {
+                Err(Refusal::Invalid {
+                    reason: format!("a management server does not serve {}", other.operation()),
+                })
+            }
+        };
+        reply.unwrap_or_else(|refusal| {
+            debug!(%peer, %refusal, "refused");
+            MgmtReply::Refused(refusal)
+        })
+    }
+
+    async fn register(
+        &mut self,
+        peer: &PeerIdentity,
+        data_addr: SocketAddr,
+        capacity: u64,
+    ) -> Result<MgmtReply, Refusal> {
+        self.last_seen.insert(peer.name.clone(), Instant::now());
+        let unchanged = self
+            .state
+            .servers
+            .get(&peer.name)
+            .is_some_and(|s| s.up && s.data_addr == data_addr && s.capacity == capacity);
+        if !unchanged {
+            info!(server = %peer.name, %data_addr, capacity, "registering");
+            self.execute(Command::RegisterServer {
+                name: peer.name.clone(),
+                data_addr,
+                capacity,
+            })
+            .await?;
+        }
+        Ok(MgmtReply::Registered {
+            epoch: self.state.epoch,
+        })
+    }
+
+    async fn heartbeat(
+        &mut self,
+        peer: &PeerIdentity,
+        held: Vec<(VolumeId, Epoch)>,
+    ) -> Result<MgmtReply, Refusal> {
+        let name = &peer.name;
+        let Some(server) = self.state.servers.get(name) else {
+            return Err(Refusal::NotFound {
+                kind: "server".into(),
+                name: name.clone(),
+            });
+        };
+        self.last_seen.insert(name.clone(), Instant::now());
+        if !server.up {
+            info!(server = %name, "back: marking up");
+            self.execute(Command::MarkServer {
+                name: name.clone(),
+                up: true,
+            })
+            .await?;
+        }
+        let held_map: HashMap<VolumeId, Epoch> = held.iter().copied().collect();
+        self.held.insert(name.clone(), held_map.clone());
+        let mut maps: Vec<VolumeMap> = Vec::new();
+        let mut dropped = Vec::new();
+        for (id, epoch) in &held {
+            match self
+                .state
+                .volume_by_id(*id)
+                .and_then(|v| self.state.volume_map(v))
+            {
+                Some(map) if map.epoch != *epoch => maps.push(map),
+                Some(_) => {}
+                None => dropped.push(*id),
+            }
+        }
+        for (volume, record) in &self.state.volumes {
+            if record.servers().contains(name) && !held_map.contains_key(&record.id) {
+                maps.extend(self.state.volume_map(volume));
+            }
+        }
+        Ok(MgmtReply::Maps {
+            epoch: self.state.epoch,
+            maps,
+            dropped,
+        })
+    }
+
+    fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            epoch: self.state.epoch,
+            servers: self
+                .state
+                .servers
+                .iter()
+                .map(|(name, s)| {
+                    let mut held: Vec<_> = self
+                        .held
+                        .get(name)
+                        .map(|h| h.iter().map(|(v, e)| (*v, *e)).collect())
+                        .unwrap_or_default();
+                    held.sort();
+                    ServerStatus {
+                        name: name.clone(),
+                        addr: s.data_addr,
+                        capacity: s.capacity,
+                        up: s.up,
+                        held,
+                    }
+                })
+                .collect(),
+            volumes: self
+                .state
+                .volumes
+                .keys()
+                .filter_map(|v| self.state.volume_map(v))
+                .collect(),
+        }
+    }
+
+    /// Apply a command: durable first, then pushed to every server concerned
+    /// (marking down those that do not acknowledge), and only then answered,
+    /// so no client can fetch a map that the servers do not enforce yet.
+    async fn execute(&mut self, command: Command) -> Result<Epoch, Refusal> {
+        let mut outcome = self.commit(&command)?;
+        loop {
+            let failed = self.push(&outcome).await;
+            if failed.is_empty() {
+                break;
+            }
+            let mut next = Outcome::default();
+            for server in failed {
+                warn!(%server, "did not acknowledge the new map: marking down");
+                match self.commit(&Command::MarkServer {
+                    name: server,
+                    up: false,
+                }) {
+                    Ok(o) => {
+                        next.changed.extend(o.changed);
+                        next.epoch = o.epoch;
+                    }
+                    Err(refusal) => debug!(%refusal, "not marked down"),
+                }
+            }
+            outcome = next;
+        }
+        Ok(self.state.epoch)
+    }
+
+    fn commit(&mut self, command: &Command) -> Result<Outcome, Refusal> {
+        let mut next = self.state.clone();
+        let outcome = next.apply(command)?;
+        self.db.commit(command, &next).map_err(|e| {
+            warn!(error = %e, "state not saved; command not applied");
+            Refusal::Unavailable {
+                reason: e.to_string(),
+            }
+        })?;
+        self.state = next;
+        Ok(outcome)
+    }
+
+    /// Push the changes of `outcome` to every server concerned that is up, in
+    /// parallel; returns the servers that did not acknowledge in time.
+    async fn push(&mut self, outcome: &Outcome) -> BTreeSet<String> {
+        let mut tasks = JoinSet::new();
+        let spawn =
+            |server: String, request: MgmtRequest, volume: VolumeId, tasks: &mut JoinSet<_>| {
+                let Some(record) = self.state.servers.get(&server).filter(|s| s.up) else {
+                    return;
+                };
+                let (addr, connector, timeout) =
+                    (record.data_addr, self.connector.clone(), self.push_timeout);
+                tasks.spawn(async move {
+                    let result = tokio::time::timeout(timeout, async {
+                        let conn = connector
+                            .get(addr, &server)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        conn.mgmt(&request).await.map_err(|e| e.to_string())
+                    })
+                    .await;
+                    let acked = match result {
+                        Ok(Ok(MgmtReply::Applied { epoch })) => Some(epoch),
+                        Ok(Ok(other)) => {
+                            warn!(%server, ?other, "push refused");
+                            None
+                        }
+                        Ok(Err(e)) => {
+                            warn!(%server, error = %e, "push failed");
+                            None
+                        }
+                        Err(_) => None,
+                    };
+                    (server, volume, acked)
+                });
+            };
+        for (volume, servers) in &outcome.changed {
+            let Some(map) = self.state.volume_map(volume) else {
+                continue;
+            };
+            for server in servers {
+                spawn(
+                    server.clone(),
+                    MgmtRequest::PushMap { map: map.clone() },
+                    map.id,
+                    &mut tasks,
+                );
+            }
+        }
+        for (id, servers) in &outcome.deleted {
+            for server in servers {
+                spawn(
+                    server.clone(),
+                    MgmtRequest::DropVolume { id: *id },
+                    *id,
+                    &mut tasks,
+                );
+            }
+        }
+        let mut failed = BTreeSet::new();
+        while let Some(done) = tasks.join_next().await {
+            let Ok((server, volume, acked)) = done else {
+                continue;
+            };
+            match acked {
+                Some(epoch) => {
+                    let held = self.held.entry(server).or_default();
+                    if outcome.deleted.contains_key(&volume) {
+                        held.remove(&volume);
+                    } else {
+                        held.insert(volume, epoch);
+                    }
+                }
+                None => {
+                    failed.insert(server);
+                }
+            }
+        }
+        failed
+    }
+
+    async fn check_heartbeats(&mut self) {
+        let now = Instant::now();
+        let silent: Vec<String> = self
+            .state
+            .servers
+            .iter()
+            .filter(|(name, s)| {
+                s.up && self
+                    .last_seen
+                    .get(*name)
+                    .is_none_or(|t| now.duration_since(*t) > self.heartbeat_timeout)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in silent {
+            warn!(server = %name, "no heartbeat: marking down");
+            if let Err(refusal) = self.execute(Command::MarkServer { name, up: false }).await {
+                debug!(%refusal, "not marked down");
+            }
+        }
+    }
+}
+
+fn admin_command(command: AdminCommand) -> Command {
+    match command {
+        AdminCommand::CreateVolume {
+            name,
+            size,
+            page_size,
+            replicas,
+            servers,
+        } => Command::CreateVolume {
+            name,
+            size,
+            page_size,
+            replicas,
+            servers,
+        },
+        AdminCommand::DeleteVolume { name } => Command::DeleteVolume { name },
+        AdminCommand::ResizeVolume { name, size } => Command::ResizeVolume { name, size },
+        AdminCommand::RemoveServer { name, force } => Command::RemoveServer { name, force },
+    }
+}
