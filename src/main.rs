@@ -9,6 +9,8 @@ use tessera_net::proto::Role;
 use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
 use tracing_subscriber::EnvFilter;
 
+mod admin;
+mod mgmt_cmd;
 mod storage;
 mod tls;
 
@@ -33,6 +35,27 @@ enum Command {
     Cert(CertCommand),
     /// Run a storage server, or format its data file (`tessera storage format`).
     Storage(Box<storage::StorageCommand>),
+    /// Run the management server.
+    Mgmt(mgmt_cmd::MgmtCommand),
+    /// Create, list, show, resize and delete volumes (admin).
+    Volume {
+        #[command(subcommand)]
+        command: admin::VolumeCommand,
+        #[command(flatten)]
+        connection: admin::Connection,
+    },
+    /// List and remove storage servers (admin).
+    Server {
+        #[command(subcommand)]
+        command: admin::ServerCommand,
+        #[command(flatten)]
+        connection: admin::Connection,
+    },
+    /// Servers, volumes, epochs and mirror states (admin).
+    Status {
+        #[command(flatten)]
+        connection: admin::Connection,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +125,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::Init(args)) => cluster_init(args),
         Command::Cert(CertCommand::Issue(args)) => cert_issue(args),
         Command::Storage(command) => storage::run(*command),
+        Command::Mgmt(command) => mgmt_cmd::run(command),
+        Command::Volume {
+            command,
+            connection,
+        } => admin::volume(&connection, command),
+        Command::Server {
+            command,
+            connection,
+        } => admin::server(&connection, command),
+        Command::Status { connection } => admin::status(&connection),
     }
 }
 

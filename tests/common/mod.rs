@@ -74,6 +74,103 @@ pub fn tessera() -> Command {
     cmd
 }
 
+/// Spawn `tessera` with `args`, wait for its "serving on ADDR" line.
+fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, SocketAddr), String> {
+    let mut child = tessera()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    match line.trim().rsplit_once("serving on ") {
+        Some((_, addr)) => Ok((child, addr.parse().unwrap())),
+        None => {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            Err(format!(
+                "did not start ({status}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// A `tessera mgmt` process; killed when dropped.
+pub struct MgmtProc {
+    pub addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+}
+
+impl MgmtProc {
+    pub fn start(cluster: &TestCluster, heartbeat_timeout_ms: u64) -> Self {
+        Self::start_at(
+            cluster,
+            heartbeat_timeout_ms,
+            "127.0.0.1:0".parse().unwrap(),
+        )
+    }
+
+    /// Start on a given address (to restart where storage servers expect it).
+    pub fn start_at(cluster: &TestCluster, heartbeat_timeout_ms: u64, listen: SocketAddr) -> Self {
+        cluster.issue(Role::Mgmt, "mgmt");
+        let log = cluster.path("mgmt.log");
+        let args: Vec<std::ffi::OsString> = vec![
+            "mgmt".into(),
+            "--listen".into(),
+            listen.to_string().into(),
+            "--state".into(),
+            cluster.path("mgmt-state").into(),
+            "--cluster-dir".into(),
+            cluster.dir.path().into(),
+            "--name".into(),
+            "mgmt".into(),
+            "--heartbeat-timeout-ms".into(),
+            heartbeat_timeout_ms.to_string().into(),
+        ];
+        let (child, addr) = spawn_server(&args, &log).unwrap_or_else(|e| panic!("mgmt {e}"));
+        MgmtProc { addr, child, log }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A connection to it holding `name`'s certificate in `role`.
+    pub async fn connect(&self, cluster: &TestCluster, role: Role, name: &str) -> PeerConnection {
+        cluster
+            .endpoint(role, name)
+            .connect(self.addr, "mgmt", Alpn::Mgmt, Role::Mgmt)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for MgmtProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 /// A `tessera storage` process; killed when dropped.
 pub struct StorageProc {
     pub name: String,

@@ -1,0 +1,346 @@
+//! Admin commands: talk to the management server with an admin certificate.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use tessera_net::proto::{
+    AdminCommand, ClusterStatus, MgmtReply, MgmtRequest, MirrorState, Role, VolumeMap,
+};
+use tessera_net::quic::{Alpn, Endpoint, TlsPaths, TransportTuning};
+use tessera_net::units::ByteSize;
+
+/// How to reach the management server, and as whom.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Management server address.
+    #[arg(
+        long,
+        env = "TESSERA_MGMT",
+        default_value = "127.0.0.1:7400",
+        global = true
+    )]
+    mgmt: SocketAddr,
+    /// The management server's certificate name.
+    #[arg(long, env = "TESSERA_MGMT_NAME", default_value = "mgmt", global = true)]
+    mgmt_name: String,
+    /// Cluster directory holding ca.crt and the admin certificate.
+    #[arg(long, env = "TESSERA_CLUSTER_DIR", default_value = ".", global = true)]
+    cluster_dir: PathBuf,
+    /// Name of the admin certificate in --cluster-dir.
+    #[arg(long, env = "TESSERA_ADMIN", default_value = "admin", global = true)]
+    admin: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume, laid out over the storage servers.
+    Create {
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long)]
+        size: ByteSize,
+        /// Unit of layout, e.g. 1M (a multiple of 4 KiB, at most 4 MiB).
+        #[arg(long, default_value = "1M")]
+        page_size: ByteSize,
+        /// Copies of every page, on distinct servers.
+        #[arg(long, default_value_t = 1)]
+        replicas: u8,
+        /// Place it on these servers only (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        servers: Option<Vec<String>>,
+    },
+    /// List volumes.
+    List,
+    /// Show a volume's layout.
+    Show { name: String },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: ByteSize,
+    },
+    /// Delete a volume and free its data on every server.
+    Delete {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// List storage servers.
+    List,
+    /// Remove a storage server (refused while it holds data, unless --force).
+    Remove {
+        name: String,
+        /// Remove it even though it holds partitions: they are marked lost.
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+impl Connection {
+    fn call(&self, request: MgmtRequest) -> anyhow::Result<MgmtReply> {
+        let tls = TlsPaths::in_dir(&self.cluster_dir, &self.admin);
+        let identity = tls.load().context(
+            "cannot load the admin certificate (set --cluster-dir and --admin, or TESSERA_CLUSTER_DIR)",
+        )?;
+        runtime()?.block_on(async {
+            let local: SocketAddr = if self.mgmt.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
+            let endpoint = Endpoint::bind(local, &identity, &TransportTuning::default(), &[])?;
+            let conn = endpoint
+                .connect(self.mgmt, &self.mgmt_name, Alpn::Mgmt, Role::Mgmt)
+                .await
+                .with_context(|| format!("cannot reach the management server at {}", self.mgmt))?;
+            let reply = conn.mgmt(&request).await?;
+            endpoint.close();
+            match reply {
+                MgmtReply::Refused(refusal) => bail!("refused: {refusal}"),
+                other => Ok(other),
+            }
+        })
+    }
+
+    fn print(&self, value: &impl serde::Serialize, human: impl FnOnce()) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            human();
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> anyhow::Result<ClusterStatus> {
+        match self.call(MgmtRequest::Status)? {
+            MgmtReply::Status(status) => Ok(status),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn applied(&self, command: AdminCommand, what: &str) -> anyhow::Result<()> {
+        match self.call(MgmtRequest::Admin(command))? {
+            MgmtReply::Applied { epoch } => {
+                let value = serde_json::json!({ "applied": what, "epoch": epoch.0 });
+                self.print(&value, || println!("{what} (cluster epoch {})", epoch.0))
+            }
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+}
+
+fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("{question}: not confirmed (pass --yes)");
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim().eq_ignore_ascii_case("y") || answer.trim().eq_ignore_ascii_case("yes") {
+        Ok(())
+    } else {
+        bail!("{question}: not confirmed")
+    }
+}
+
+fn state_name(state: MirrorState, up: bool) -> &'static str {
+    match (state, up) {
+        (_, false) => "down",
+        (MirrorState::InSync, true) => "in sync",
+        (MirrorState::OutOfSync, true) => "out of sync",
+        (MirrorState::Resyncing, true) => "resyncing",
+    }
+}
+
+fn print_volume_line(v: &VolumeMap) {
+    let replicas = v.partitions.first().map_or(0, |p| p.replicas.len());
+    println!(
+        "{:<20} {:>10} {:>8} {:>4} {:>10} {:>8}",
+        v.name,
+        ByteSize(v.size).to_string(),
+        ByteSize(u64::from(v.page_size)).to_string(),
+        replicas,
+        v.partitions.len(),
+        v.epoch.0
+    );
+}
+
+fn print_volume_header() {
+    println!(
+        "{:<20} {:>10} {:>8} {:>4} {:>10} {:>8}",
+        "VOLUME", "SIZE", "PAGE", "REPL", "PARTITIONS", "EPOCH"
+    );
+}
+
+fn print_layout(v: &VolumeMap) {
+    println!(
+        "volume {} (id {}), {}, pages of {}, epoch {}",
+        v.name,
+        v.id.0,
+        ByteSize(v.size),
+        ByteSize(u64::from(v.page_size)),
+        v.epoch.0
+    );
+    for p in &v.partitions {
+        let replicas: Vec<String> = p
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                format!(
+                    "{}{} ({})",
+                    r.server,
+                    if i == 0 { "*" } else { "" },
+                    state_name(r.state, true)
+                )
+            })
+            .collect();
+        println!(
+            "  pages {:>8}..{:<8} {}",
+            p.first_page,
+            p.end_page,
+            replicas.join(", ")
+        );
+    }
+    println!("  (* = primary)");
+}
+
+pub fn volume(connection: &Connection, command: VolumeCommand) -> anyhow::Result<()> {
+    match command {
+        VolumeCommand::Create {
+            name,
+            size,
+            page_size,
+            replicas,
+            servers,
+        } => {
+            let page_size = u32::try_from(page_size.0).context("page size too large")?;
+            let what = format!("created volume {name} ({size})");
+            connection.applied(
+                AdminCommand::CreateVolume {
+                    name,
+                    size: size.0,
+                    page_size,
+                    replicas,
+                    servers,
+                },
+                &what,
+            )
+        }
+        VolumeCommand::List => {
+            let status = connection.status()?;
+            connection.print(&status.volumes, || {
+                print_volume_header();
+                status.volumes.iter().for_each(print_volume_line);
+            })
+        }
+        VolumeCommand::Show { name } => {
+            match connection.call(MgmtRequest::GetMap { volume: name })? {
+                MgmtReply::Map(map) => connection.print(&map, || print_layout(&map)),
+                other => bail!("unexpected reply {other:?}"),
+            }
+        }
+        VolumeCommand::Resize { name, size } => {
+            let what = format!("resized volume {name} to {size}");
+            connection.applied(AdminCommand::ResizeVolume { name, size: size.0 }, &what)
+        }
+        VolumeCommand::Delete { name, yes } => {
+            confirm(&format!("delete volume {name} and all its data"), yes)?;
+            let what = format!("deleted volume {name}");
+            connection.applied(AdminCommand::DeleteVolume { name }, &what)
+        }
+    }
+}
+
+pub fn server(connection: &Connection, command: ServerCommand) -> anyhow::Result<()> {
+    match command {
+        ServerCommand::List => {
+            let status = connection.status()?;
+            connection.print(&status.servers, || print_servers(&status))
+        }
+        ServerCommand::Remove { name, force, yes } => {
+            if force {
+                confirm(
+                    &format!("remove server {name} and mark the partitions it holds lost"),
+                    yes,
+                )?;
+            }
+            let what = format!("removed server {name}");
+            connection.applied(AdminCommand::RemoveServer { name, force }, &what)
+        }
+    }
+}
+
+fn print_servers(status: &ClusterStatus) {
+    println!(
+        "{:<16} {:<22} {:>10} {:<5} HELD EPOCHS",
+        "SERVER", "ADDRESS", "CAPACITY", "STATE"
+    );
+    for s in &status.servers {
+        let held: Vec<String> = s
+            .held
+            .iter()
+            .map(|(v, e)| format!("{}@{}", v.0, e.0))
+            .collect();
+        println!(
+            "{:<16} {:<22} {:>10} {:<5} {}",
+            s.name,
+            s.addr.to_string(),
+            ByteSize(s.capacity).to_string(),
+            if s.up { "up" } else { "down" },
+            held.join(" ")
+        );
+    }
+}
+
+pub fn status(connection: &Connection) -> anyhow::Result<()> {
+    let status = connection.status()?;
+    connection.print(&status, || {
+        println!("cluster epoch {}", status.epoch.0);
+        println!();
+        print_servers(&status);
+        println!();
+        print_volume_header();
+        status.volumes.iter().for_each(print_volume_line);
+        for v in &status.volumes {
+            for p in &v.partitions {
+                for r in &p.replicas {
+                    if r.state != MirrorState::InSync {
+                        println!(
+                            "  {} pages {}..{} on {}: {}",
+                            v.name,
+                            p.first_page,
+                            p.end_page,
+                            r.server,
+                            state_name(r.state, true)
+                        );
+                    }
+                }
+            }
+        }
+    })
+}
