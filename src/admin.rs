@@ -59,7 +59,18 @@ pub enum VolumeCommand {
     List,
     /// Show a volume's layout.
     Show { name: String },
-    /// Grow a volume.
+    /// Give a page range to other servers (refused while the servers losing
+    /// pages hold data in them: moving data is not supported yet).
+    Partition {
+        name: String,
+        /// Page range A..B (end exclusive), e.g. 0..64.
+        #[arg(long, value_parser = parse_pages)]
+        pages: (u64, u64),
+        /// New replicas, primary first (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+    },
+    /// Grow or shrink a volume (a shrink that would drop written data is refused).
     Resize {
         name: String,
         #[arg(long)]
@@ -88,6 +99,22 @@ pub enum ServerCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+fn parse_pages(text: &str) -> Result<(u64, u64), String> {
+    let (a, b) = text.split_once("..").ok_or("expected a page range A..B")?;
+    let a: u64 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad page number {a:?}"))?;
+    let b: u64 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad page number {b:?}"))?;
+    if a >= b {
+        return Err(format!("empty page range {a}..{b}"));
+    }
+    Ok((a, b))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -263,6 +290,25 @@ pub fn volume(connection: &Connection, command: VolumeCommand) -> anyhow::Result
                 MgmtReply::Map(map) => connection.print(&map, || print_layout(&map)),
                 other => bail!("unexpected reply {other:?}"),
             }
+        }
+        VolumeCommand::Partition {
+            name,
+            pages: (first_page, end_page),
+            servers,
+        } => {
+            let what = format!(
+                "pages {first_page}..{end_page} of {name} now on {}",
+                servers.join(", ")
+            );
+            connection.applied(
+                AdminCommand::SetPartition {
+                    volume: name,
+                    first_page,
+                    end_page,
+                    servers,
+                },
+                &what,
+            )
         }
         VolumeCommand::Resize { name, size } => {
             let what = format!("resized volume {name} to {size}");

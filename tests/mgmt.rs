@@ -296,7 +296,7 @@ async fn roles_are_enforced() {
         create("z", 8, 1, Some(&["nope"])),
         AdminCommand::ResizeVolume {
             name: "db".into(),
-            size: 4 * MIB,
+            size: 8 * MIB,
         },
         AdminCommand::RemoveServer {
             name: "s1".into(),
@@ -478,4 +478,102 @@ async fn cli_admin_commands() {
     let (code, out, err) = run(&["volume", "delete", "db", "--yes"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("deleted volume db"));
+}
+
+#[tokio::test]
+async fn partition_changes_and_shrinks_never_drop_written_data() {
+    let (cluster, mgmt, servers) = three_servers(5_000).await;
+    admin(&mgmt, &cluster, create("db", 30, 1, None)).await; // s1 0..10, s2 10..20, s3 20..30
+    let client = cluster.endpoint(Role::Client, "app");
+    let map = get_map(&mgmt, &cluster, "db").await;
+    for page in [2, 25] {
+        let conn = primary(&client, &map, page).await;
+        assert_eq!(
+            write(
+                &conn,
+                map.id.0,
+                map.epoch.0,
+                page * MIB,
+                &pattern(page, 4096)
+            )
+            .await
+            .status,
+            Status::Ok
+        );
+    }
+    let set = |first, end, servers: &[&str]| AdminCommand::SetPartition {
+        volume: "db".into(),
+        first_page: first,
+        end_page: end,
+        servers: servers.iter().map(|s| s.to_string()).collect(),
+    };
+
+    // Empty pages move freely; neighbours on the same server merge.
+    let MgmtReply::Applied { epoch } = admin(&mgmt, &cluster, set(5, 10, &["s2"])).await else {
+        panic!("empty pages did not move");
+    };
+    let map = get_map(&mgmt, &cluster, "db").await;
+    assert_eq!(map.epoch, epoch);
+    assert!(
+        map.partitions
+            .iter()
+            .any(|p| (p.first_page, p.end_page) == (5, 20) && p.replicas[0].server == "s2"),
+        "{map:?}"
+    );
+    let conn = primary(&client, &map, 6).await;
+    assert_eq!(
+        write(&conn, map.id.0, epoch.0, 6 * MIB, &pattern(6, 4096))
+            .await
+            .status,
+        Status::Ok
+    );
+
+    // Pages with data are not taken away, nor cut off by a shrink: refused, nothing changes.
+    let before = status(&mgmt, &cluster).await.epoch;
+    for command in [
+        set(0, 5, &["s3"]),
+        AdminCommand::ResizeVolume {
+            name: "db".into(),
+            size: 24 * MIB,
+        },
+    ] {
+        let reply = admin(&mgmt, &cluster, command.clone()).await;
+        let MgmtReply::Refused(Refusal::WouldLoseData { detail }) = reply else {
+            panic!("{command:?}: {reply:?}");
+        };
+        assert!(detail.contains("has data in pages"), "{detail}");
+    }
+    assert_eq!(status(&mgmt, &cluster).await.epoch, before);
+
+    // A shrink that keeps every written page goes through.
+    let MgmtReply::Applied { epoch } = admin(
+        &mgmt,
+        &cluster,
+        AdminCommand::ResizeVolume {
+            name: "db".into(),
+            size: 26 * MIB,
+        },
+    )
+    .await
+    else {
+        panic!("shrink above the data was refused");
+    };
+    let map = get_map(&mgmt, &cluster, "db").await;
+    for page in [2, 6, 25] {
+        let conn = primary(&client, &map, page).await;
+        let (reply, data) = read(&conn, map.id.0, epoch.0, page * MIB, 4096).await;
+        assert_eq!(reply.status, Status::Ok);
+        assert_eq!(data, pattern(page, 4096), "page {page}");
+    }
+
+    // The storage server enforces this itself, whoever pushes the map.
+    let mut taking = map.clone();
+    taking.epoch = Epoch(epoch.0 + 100);
+    taking.partitions.retain(|p| p.replicas[0].server != "s1");
+    let pusher = cluster.endpoint(Role::Mgmt, "mgmt");
+    let reply = push(&pusher, &servers[0], &taking).await;
+    assert!(
+        matches!(reply, MgmtReply::Refused(Refusal::WouldLoseData { .. })),
+        "{reply:?}"
+    );
 }

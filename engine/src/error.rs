@@ -78,6 +78,9 @@ pub enum EngineError {
         current: Epoch,
         pushed: Epoch,
     },
+    /// A map would take pages from this server while it holds data in them.
+    #[error("volume {volume} has data in pages {pages} that the new map takes from this server")]
+    WouldLoseData { volume: VolumeId, pages: String },
     /// The device is smaller than when it was formatted.
     #[error("{}: device has {now} bytes but was formatted with {formatted}", path.display())]
     DeviceShrunk {

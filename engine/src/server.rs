@@ -303,6 +303,10 @@ async fn serve_connection(service: Rc<Service>, conn: PeerConnection) {
                     let handled = serve_mgmt_stream(&peer, send, recv, |request| async move {
                         match request {
                             MgmtRequest::PushMap { map } => store.handle_push(&map).await,
+                            MgmtRequest::CheckMap { map } => match store.check_map(&map) {
+                                Ok(()) => MgmtReply::Applied { epoch: map.epoch },
+                                Err(e) => MgmtReply::Refused(refusal_of(&e)),
+                            },
                             MgmtRequest::DropVolume { id } => match store.drop_volume(id).await {
                                 Ok(()) => MgmtReply::Applied { epoch: Epoch(0) },
                                 Err(e) => MgmtReply::Refused(MgmtRefusal::Invalid {
@@ -538,4 +542,16 @@ pub fn announce(name: &str, addr: std::net::SocketAddr) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "tessera storage {name} serving on {addr}");
     let _ = out.flush();
+}
+
+/// The management-protocol form of an engine error.
+pub fn refusal_of(e: &EngineError) -> MgmtRefusal {
+    match e {
+        EngineError::WouldLoseData { .. } => MgmtRefusal::WouldLoseData {
+            detail: e.to_string(),
+        },
+        _ => MgmtRefusal::Invalid {
+            reason: e.to_string(),
+        },
+    }
 }

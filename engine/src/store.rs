@@ -439,6 +439,8 @@ impl<D: BlockDevice> Store<D> {
                     pushed: map.epoch,
                 });
             }
+            // With the gate held no write is in flight: the check is exact.
+            self.refuse_data_loss(&volume.record.borrow(), &record)?;
             if *volume.record.borrow() != record {
                 self.write_volume_record(volume.record_index, &record)
                     .await?;
@@ -469,6 +471,60 @@ impl<D: BlockDevice> Store<D> {
             }),
         );
         Ok(map.epoch)
+    }
+
+    /// Would applying `map` take pages holding data from this server? A dry
+    /// run of the check `apply_map` makes, for the management server to ask
+    /// before it changes a layout.
+    pub fn check_map(&self, map: &VolumeMap) -> Result<(), EngineError> {
+        let Some(volume) = self.volume(map.id) else {
+            return Ok(());
+        };
+        let record = VolumeRecord {
+            id: map.id,
+            epoch: map.epoch,
+            size: map.size,
+            page_size: map.page_size,
+            ranges: owned_ranges(map, &self.superblock.server_name),
+        };
+        self.refuse_data_loss(&volume.record.borrow(), &record)
+    }
+
+    /// Refuse a record change that would take pages with data from this server.
+    fn refuse_data_loss(&self, old: &VolumeRecord, new: &VolumeRecord) -> Result<(), EngineError> {
+        let slot = u64::from(self.superblock.geometry.slot_size);
+        let old_page = u64::from(old.page_size);
+        let kept = |page: u64| {
+            page * u64::from(new.page_size) < new.size
+                && new.ranges.iter().any(|(a, b)| *a <= page && page < *b)
+                && new.page_size == old.page_size
+        };
+        let mut lost: Vec<u64> = Vec::new();
+        for ((volume, chunk), lock) in self.chunks.borrow().iter() {
+            // A chunk being allocated counts as holding data.
+            let holds = *volume == old.id && lock.try_read().map_or(true, |s| s.is_some());
+            if !holds {
+                continue;
+            }
+            let first = chunk * slot / old_page;
+            let last = ((chunk + 1) * slot - 1) / old_page;
+            lost.extend((first..=last).filter(|p| !kept(*p)));
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        lost.sort_unstable();
+        lost.dedup();
+        let shown: Vec<String> = lost.iter().take(8).map(u64::to_string).collect();
+        let more = if lost.len() > 8 {
+            format!(" and {} more", lost.len() - 8)
+        } else {
+            String::new()
+        };
+        Err(EngineError::WouldLoseData {
+            volume: old.id,
+            pages: format!("{}{more}", shown.join(", ")),
+        })
     }
 
     /// Forget a deleted volume: free every slot it holds, then its record.
@@ -806,9 +862,7 @@ impl<D: BlockDevice> Store<D> {
             Ok(epoch) => MgmtReply::Applied { epoch },
             Err(e) => {
                 warn!(volume = %map.id, error = %e, "map push refused");
-                MgmtReply::Refused(tessera_net::proto::Refusal::Invalid {
-                    reason: e.to_string(),
-                })
+                MgmtReply::Refused(crate::server::refusal_of(&e))
             }
         }
     }

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::db::Db;
 use crate::error::MgmtError;
-use crate::state::{ClusterState, Command, Outcome};
+use crate::state::{ClusterState, Command, Outcome, VolumeRecord};
 
 /// Settings of `tessera mgmt`; the file is TOML, command-line flags override it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,11 +195,11 @@ impl Manager {
                     .await
                     .map(|epoch| MgmtReply::Applied { epoch })
             }
-            other @ (MgmtRequest::PushMap { .. } | MgmtRequest::DropVolume { .. }) => {
-                Err(Refusal::Invalid {
-                    reason: format!("a management server does not serve {}", other.operation()),
-                })
-            }
+            other @ (MgmtRequest::PushMap { .. }
+            | MgmtRequest::CheckMap { .. }
+            | MgmtRequest::DropVolume { .. }) => Err(Refusal::Invalid {
+                reason: format!("a management server does not serve {}", other.operation()),
+            }),
         };
         reply.unwrap_or_else(|refusal| {
             debug!(%peer, %refusal, "refused");
@@ -317,9 +317,95 @@ impl Manager {
     /// (marking down those that do not acknowledge), and only then answered,
     /// so no client can fetch a map that the servers do not enforce yet.
     async fn execute(&mut self, command: Command) -> Result<Epoch, Refusal> {
-        let mut outcome = self.commit(&command)?;
+        let before = self.state.clone();
+        self.check_no_data_loss(&command).await?;
+        let outcome = self.commit(&command)?;
+        if let Some(refusal) = self.propagate(outcome).await {
+            // A write reached a server between the check and the push: put
+            // the layout back (another epoch), so nothing is lost.
+            warn!(%refusal, "layout change refused by a storage server: reverting");
+            for (name, volume) in &before.volumes {
+                if self.state.volumes.get(name) != Some(volume) {
+                    let revert = Command::SetLayout {
+                        volume: name.clone(),
+                        size: volume.size,
+                        partitions: volume.partitions.clone(),
+                    };
+                    if let Ok(outcome) = self.commit(&revert) {
+                        self.propagate(outcome).await;
+                    }
+                }
+            }
+            return Err(refusal);
+        }
+        Ok(self.state.epoch)
+    }
+
+    /// Before a change that takes pages from servers, ask each of them
+    /// whether it holds data there; any that does (or cannot answer) refuses
+    /// the change, and nothing is committed.
+    async fn check_no_data_loss(&self, command: &Command) -> Result<(), Refusal> {
+        let mut candidate = self.state.clone();
+        let outcome = candidate.apply(command)?;
+        for name in outcome.changed.keys() {
+            let (Some(old), Some(new)) =
+                (self.state.volumes.get(name), candidate.volumes.get(name))
+            else {
+                continue;
+            };
+            let Some(map) = candidate.volume_map(name) else {
+                continue;
+            };
+            for server in old.servers() {
+                // A server the command removes gives up its data knowingly (--force).
+                let Some(record) = candidate.servers.get(&server) else {
+                    continue;
+                };
+                if !loses_pages(old, new, &server) {
+                    continue;
+                }
+                if !record.up {
+                    return Err(Refusal::WouldLoseData {
+                        detail: format!(
+                            "server {server} is down: cannot check that it holds no data in the pages {name} would take from it"
+                        ),
+                    });
+                }
+                let reply = tokio::time::timeout(self.push_timeout, async {
+                    let conn = self.connector.get(record.data_addr, &server).await?;
+                    conn.mgmt(&MgmtRequest::CheckMap { map: map.clone() }).await
+                })
+                .await;
+                match reply {
+                    Ok(Ok(MgmtReply::Applied { .. })) => {}
+                    Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
+                        return Err(Refusal::WouldLoseData {
+                            detail: format!(
+                                "server {server}: {detail}; moving data is not supported yet"
+                            ),
+                        });
+                    }
+                    other => {
+                        return Err(Refusal::Unavailable {
+                            reason: format!(
+                                "server {server} did not answer the data check: {other:?}"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Push `outcome` and mark down every server that does not acknowledge,
+    /// until all servers concerned hold the new epochs or are down. Returns a
+    /// refusal for data loss, which the caller undoes.
+    async fn propagate(&mut self, mut outcome: Outcome) -> Option<Refusal> {
+        let mut lost = None;
         loop {
-            let failed = self.push(&outcome).await;
+            let (failed, would_lose) = self.push(&outcome).await;
+            lost = lost.or(would_lose);
             if failed.is_empty() {
                 break;
             }
@@ -339,7 +425,7 @@ impl Manager {
             }
             outcome = next;
         }
-        Ok(self.state.epoch)
+        lost
     }
 
     fn commit(&mut self, command: &Command) -> Result<Outcome, Refusal> {
@@ -357,7 +443,7 @@ impl Manager {
 
     /// Push the changes of `outcome` to every server concerned that is up, in
     /// parallel; returns the servers that did not acknowledge in time.
-    async fn push(&mut self, outcome: &Outcome) -> BTreeSet<String> {
+    async fn push(&mut self, outcome: &Outcome) -> (BTreeSet<String>, Option<Refusal>) {
         let mut tasks = JoinSet::new();
         let spawn =
             |server: String, request: MgmtRequest, volume: VolumeId, tasks: &mut JoinSet<_>| {
@@ -376,16 +462,21 @@ impl Manager {
                     })
                     .await;
                     let acked = match result {
-                        Ok(Ok(MgmtReply::Applied { epoch })) => Some(epoch),
+                        Ok(Ok(MgmtReply::Applied { epoch })) => Ok(epoch),
+                        Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
+                            Err(Some(Refusal::WouldLoseData {
+                                detail: format!("server {server}: {detail}"),
+                            }))
+                        }
                         Ok(Ok(other)) => {
                             warn!(%server, ?other, "push refused");
-                            None
+                            Err(None)
                         }
                         Ok(Err(e)) => {
                             warn!(%server, error = %e, "push failed");
-                            None
+                            Err(None)
                         }
-                        Err(_) => None,
+                        Err(_) => Err(None),
                     };
                     (server, volume, acked)
                 });
@@ -414,12 +505,13 @@ impl Manager {
             }
         }
         let mut failed = BTreeSet::new();
+        let mut would_lose = None;
         while let Some(done) = tasks.join_next().await {
             let Ok((server, volume, acked)) = done else {
                 continue;
             };
             match acked {
-                Some(epoch) => {
+                Ok(epoch) => {
                     let held = self.held.entry(server).or_default();
                     if outcome.deleted.contains_key(&volume) {
                         held.remove(&volume);
@@ -427,12 +519,14 @@ impl Manager {
                         held.insert(volume, epoch);
                     }
                 }
-                None => {
+                // Refused to drop data: the server is fine, the change is undone.
+                Err(Some(refusal)) => would_lose = Some(refusal),
+                Err(None) => {
                     failed.insert(server);
                 }
             }
         }
-        failed
+        (failed, would_lose)
     }
 
     async fn check_heartbeats(&mut self) {
@@ -476,5 +570,40 @@ fn admin_command(command: AdminCommand) -> Command {
         AdminCommand::DeleteVolume { name } => Command::DeleteVolume { name },
         AdminCommand::ResizeVolume { name, size } => Command::ResizeVolume { name, size },
         AdminCommand::RemoveServer { name, force } => Command::RemoveServer { name, force },
+        AdminCommand::SetPartition {
+            volume,
+            first_page,
+            end_page,
+            servers,
+        } => Command::SetPartition {
+            volume,
+            first_page,
+            end_page,
+            servers,
+        },
     }
+}
+
+/// Whether `server` holds pages in `old` that it does not hold in `new`.
+fn loses_pages(old: &VolumeRecord, new: &VolumeRecord, server: &str) -> bool {
+    let ranges = |v: &VolumeRecord| -> Vec<(u64, u64)> {
+        let pages = v.pages();
+        v.partitions
+            .iter()
+            .filter(|p| p.replicas.iter().any(|r| r.server == server))
+            .map(|p| (p.first_page, p.end_page.min(pages)))
+            .collect()
+    };
+    let kept = ranges(new);
+    ranges(old).into_iter().any(|(first, end)| {
+        // Every page of [first, end) must be in some kept range.
+        let mut at = first;
+        while at < end {
+            match kept.iter().find(|(a, b)| *a <= at && at < *b) {
+                Some((_, b)) => at = *b,
+                None => return true,
+            }
+        }
+        false
+    })
 }

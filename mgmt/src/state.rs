@@ -93,6 +93,22 @@ pub enum Command {
         name: String,
         size: u64,
     },
+    /// Give pages `[first_page, end_page)` to `servers` (first = primary).
+    /// The range either covers whole partitions or lies inside one (which is
+    /// split); a range straddling a partition boundary is refused.
+    SetPartition {
+        volume: String,
+        first_page: u64,
+        end_page: u64,
+        servers: Vec<String>,
+    },
+    /// Put back a volume's size and layout as they were (undoes a change the
+    /// storage servers refused).
+    SetLayout {
+        volume: String,
+        size: u64,
+        partitions: Vec<PartitionRecord>,
+    },
 }
 
 /// What an applied command changed.
@@ -306,23 +322,65 @@ impl ClusterState {
                     .get_mut(name)
                     .ok_or_else(|| not_found("volume", name))?;
                 check_size(*size)?;
-                if *size < volume.size {
-                    // Storage servers do not yet report how far a volume is
-                    // written, so a shrink could cut off data: refused.
-                    return Err(invalid(format!(
-                        "shrinking {name} from {} to {size} bytes could drop written data; shrinking is not supported",
-                        volume.size
-                    )));
-                }
                 if *size == volume.size {
                     return Err(invalid(format!("volume {name} already has size {size}")));
                 }
+                // Whether a shrink drops written data is the storage servers'
+                // to say: the management server asks them before committing.
+                let old = volume.servers();
                 volume.size = *size;
                 let pages = volume.pages();
+                volume.partitions.retain(|p| p.first_page < pages);
                 if let Some(last) = volume.partitions.last_mut() {
                     last.end_page = pages;
                 }
-                self.mark_changed(outcome, name, BTreeSet::new());
+                self.mark_changed(outcome, name, old);
+            }
+            Command::SetPartition {
+                volume: name,
+                first_page,
+                end_page,
+                servers,
+            } => {
+                for s in servers {
+                    let record = self.servers.get(s).ok_or_else(|| not_found("server", s))?;
+                    if !record.up {
+                        return Err(invalid(format!("server {s} is down")));
+                    }
+                }
+                if servers.is_empty()
+                    || servers.iter().collect::<BTreeSet<_>>().len() != servers.len()
+                {
+                    return Err(invalid("a partition needs one or more distinct servers"));
+                }
+                let volume = self
+                    .volumes
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("volume", name))?;
+                let (first, end) = (*first_page, *end_page);
+                if first >= end || end > volume.pages() {
+                    return Err(invalid(format!(
+                        "pages {first}..{end} are not a range inside the volume's {} pages",
+                        volume.pages()
+                    )));
+                }
+                let old = volume.servers();
+                volume.partitions = set_partition(&volume.partitions, first, end, servers)?;
+                self.mark_changed(outcome, name, old);
+            }
+            Command::SetLayout {
+                volume: name,
+                size,
+                partitions,
+            } => {
+                let volume = self
+                    .volumes
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("volume", name))?;
+                let old = volume.servers();
+                volume.size = *size;
+                volume.partitions = partitions.clone();
+                self.mark_changed(outcome, name, old);
             }
         }
         Ok(())
@@ -395,6 +453,85 @@ fn validate_volume_name(name: &str) -> Result<(), Refusal> {
             "volume name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
         )))
     }
+}
+
+/// The partitions after giving `[first, end)` to `servers`; adjacent
+/// partitions with the same replicas are merged.
+fn set_partition(
+    partitions: &[PartitionRecord],
+    first: u64,
+    end: u64,
+    servers: &[String],
+) -> Result<Vec<PartitionRecord>, Refusal> {
+    let inside_one = partitions
+        .iter()
+        .any(|p| p.first_page <= first && end <= p.end_page);
+    let whole = partitions
+        .iter()
+        .filter(|p| p.first_page < end && first < p.end_page)
+        .all(|p| first <= p.first_page && p.end_page <= end);
+    if !inside_one && !whole {
+        return Err(invalid(format!(
+            "pages {first}..{end} overlap a partition boundary: cover whole partitions, or split one"
+        )));
+    }
+    let mut out: Vec<PartitionRecord> = Vec::new();
+    let mut push = |p: PartitionRecord| match out.last_mut() {
+        Some(last) if last.end_page == p.first_page && last.replicas == p.replicas => {
+            last.end_page = p.end_page
+        }
+        _ => out.push(p),
+    };
+    let replicas: Vec<ReplicaRecord> = servers
+        .iter()
+        .map(|s| ReplicaRecord {
+            server: s.clone(),
+            state: MirrorState::InSync,
+        })
+        .collect();
+    let mut placed = false;
+    for p in partitions {
+        if p.end_page <= first || end <= p.first_page {
+            if !placed && p.first_page >= end {
+                push(PartitionRecord {
+                    first_page: first,
+                    end_page: end,
+                    replicas: replicas.clone(),
+                });
+                placed = true;
+            }
+            push(p.clone());
+            continue;
+        }
+        if p.first_page < first {
+            push(PartitionRecord {
+                end_page: first,
+                ..p.clone()
+            });
+        }
+        if !placed {
+            push(PartitionRecord {
+                first_page: first,
+                end_page: end,
+                replicas: replicas.clone(),
+            });
+            placed = true;
+        }
+        if end < p.end_page {
+            push(PartitionRecord {
+                first_page: end,
+                ..p.clone()
+            });
+        }
+    }
+    if !placed {
+        push(PartitionRecord {
+            first_page: first,
+            end_page: end,
+            replicas,
+        });
+    }
+    Ok(out)
 }
 
 /// Lay `pages` out in one partition per server (fewer if there are fewer

@@ -158,8 +158,14 @@ fn refusals_change_nothing() {
         },
         Command::ResizeVolume {
             name: "db".into(),
-            size: 4 * MIB,
+            size: 8 * MIB,
         },
+        set_partition("db", 2, 2, &["s1"]),
+        set_partition("db", 3, 9, &["s1"]),
+        set_partition("db", 0, 2, &[]),
+        set_partition("db", 0, 2, &["s1", "s1"]),
+        set_partition("db", 0, 2, &["nope"]),
+        set_partition("nope", 0, 2, &["s1"]),
         Command::ResizeVolume {
             name: "nope".into(),
             size: 4 * MIB,
@@ -189,6 +195,77 @@ fn refusals_change_nothing() {
         assert!(s.apply(&command).is_err(), "{command:?} was applied");
         assert_eq!(s, before, "{command:?} changed the state");
     }
+}
+
+fn set_partition(volume: &str, first: u64, end: u64, servers: &[&str]) -> Command {
+    Command::SetPartition {
+        volume: volume.into(),
+        first_page: first,
+        end_page: end,
+        servers: servers.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn layout(s: &ClusterState, volume: &str) -> Vec<(u64, u64, Vec<String>)> {
+    s.volumes[volume]
+        .partitions
+        .iter()
+        .map(|p| {
+            (
+                p.first_page,
+                p.end_page,
+                p.replicas.iter().map(|r| r.server.clone()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn set_partition_splits_replaces_and_refuses_straddling_ranges() {
+    let mut s = three_servers();
+    s.apply(&create("db", 9 * MIB, 1)).unwrap(); // 0..3 s1, 3..6 s2, 6..9 s3
+    let v = |a: &str| vec![a.to_string()];
+    // Split a partition.
+    let out = s.apply(&set_partition("db", 1, 2, &["s3", "s2"])).unwrap();
+    assert_eq!(
+        layout(&s, "db"),
+        vec![
+            (0, 1, v("s1")),
+            (1, 2, vec!["s3".into(), "s2".into()]),
+            (2, 3, v("s1")),
+            (3, 6, v("s2")),
+            (6, 9, v("s3")),
+        ]
+    );
+    assert_eq!(s.volumes["db"].epoch, out.epoch);
+    // Replace whole partitions; neighbours with the same replicas merge.
+    s.apply(&set_partition("db", 3, 9, &["s2"])).unwrap();
+    assert_eq!(layout(&s, "db")[3..], [(3, 9, v("s2"))]);
+    // A range across a boundary is refused.
+    assert!(s.apply(&set_partition("db", 2, 5, &["s1"])).is_err());
+}
+
+#[test]
+fn shrink_truncates_partitions() {
+    let mut s = three_servers();
+    s.apply(&create("db", 9 * MIB, 1)).unwrap();
+    let out = s
+        .apply(&Command::ResizeVolume {
+            name: "db".into(),
+            size: 4 * MIB,
+        })
+        .unwrap();
+    assert_eq!(
+        layout(&s, "db"),
+        vec![
+            (0, 3, vec!["s1".to_string()]),
+            (3, 4, vec!["s2".to_string()])
+        ]
+    );
+    assert!(
+        out.changed["db"].contains("s3"),
+        "the server that lost its partition is told"
+    );
 }
 
 #[test]
@@ -244,10 +321,22 @@ fn arb_command() -> impl Strategy<Value = Command> {
         volume
             .clone()
             .prop_map(|name| Command::DeleteVolume { name }),
-        (volume, 1u64..64).prop_map(|(name, mib)| Command::ResizeVolume {
+        (volume.clone(), 1u64..64).prop_map(|(name, mib)| Command::ResizeVolume {
             name,
             size: mib * MIB
         }),
+        (
+            volume,
+            0u64..64,
+            1u64..8,
+            prop::collection::vec(prop::sample::select(vec!["s1", "s2", "s3", "s4"]), 1..3)
+        )
+            .prop_map(|(name, first, len, servers)| set_partition(
+                &name,
+                first,
+                first + len,
+                &servers
+            )),
     ]
 }
 

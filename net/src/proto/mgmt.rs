@@ -130,6 +130,13 @@ pub enum AdminCommand {
         name: String,
         force: bool,
     },
+    /// Give pages `[first_page, end_page)` of a volume to `servers` (first = primary).
+    SetPartition {
+        volume: String,
+        first_page: u64,
+        end_page: u64,
+        servers: Vec<String>,
+    },
 }
 
 /// A storage server as the management server sees it.
@@ -173,6 +180,10 @@ pub enum MgmtRequest {
     /// Acknowledged with `Applied` once the server holds the new epoch durably
     /// and no request admitted under the old one is still running.
     PushMap { map: VolumeMap },
+    /// Management server to storage server: would `PushMap { map }` be
+    /// refused because it takes pages that hold data from the server?
+    /// Answered `Applied` (it would not) or `Refused(WouldLoseData)`.
+    CheckMap { map: VolumeMap },
     /// Management server to storage server: the volume was deleted; free its data.
     DropVolume { id: VolumeId },
 }
@@ -189,6 +200,7 @@ impl MgmtRequest {
             MgmtRequest::Status => "status",
             MgmtRequest::PushMap { .. } => "push-map",
             MgmtRequest::DropVolume { .. } => "drop-volume",
+            MgmtRequest::CheckMap { .. } => "check-map",
         }
     }
 
@@ -200,7 +212,9 @@ impl MgmtRequest {
             MgmtRequest::GetMap { .. } => true,
             MgmtRequest::Admin(_) => role == Role::Admin,
             MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
-            MgmtRequest::PushMap { .. } | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
+            MgmtRequest::PushMap { .. }
+            | MgmtRequest::CheckMap { .. }
+            | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
         }
     }
 }
@@ -222,6 +236,9 @@ pub enum Refusal {
     Unavailable { reason: String },
     #[error("bad request: {reason}")]
     BadRequest { reason: String },
+    /// The change would drop written data (moving data is not supported yet).
+    #[error("{detail}")]
+    WouldLoseData { detail: String },
 }
 
 /// A management server's answer.

@@ -195,8 +195,15 @@ fn all_requests() -> Vec<MgmtRequest> {
             name: s("a"),
             force: true,
         }),
+        MgmtRequest::Admin(AdminCommand::SetPartition {
+            volume: s("db"),
+            first_page: 0,
+            end_page: 8,
+            servers: vec![s("a"), s("b")],
+        }),
         MgmtRequest::Status,
         MgmtRequest::PushMap { map: sample_map() },
+        MgmtRequest::CheckMap { map: sample_map() },
         MgmtRequest::DropVolume { id: VolumeId(4) },
     ]
 }
@@ -245,6 +252,9 @@ fn all_replies() -> Vec<MgmtReply> {
             reason: s("starting"),
         }),
         MgmtReply::Refused(Refusal::BadRequest { reason: s("junk") }),
+        MgmtReply::Refused(Refusal::WouldLoseData {
+            detail: s("pages 1, 2"),
+        }),
     ]
 }
 
@@ -273,7 +283,9 @@ fn role_policy() {
                 }
                 MgmtRequest::Admin(_) => role == Role::Admin,
                 MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
-                MgmtRequest::PushMap { .. } | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
+                MgmtRequest::PushMap { .. }
+                | MgmtRequest::CheckMap { .. }
+                | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
             };
             assert_eq!(request.permits(role), expected, "{request:?} by {role}");
         }
