@@ -37,7 +37,7 @@ enum Command {
     Storage(Box<storage::StorageCommand>),
     /// Run the management server.
     Mgmt(mgmt_cmd::MgmtCommand),
-    /// Create, list, show, resize and delete volumes (admin).
+    /// Create, list, show, partition, resize and delete volumes (admin).
     Volume {
         #[command(subcommand)]
         command: admin::VolumeCommand,

@@ -26,7 +26,9 @@ fn help_lists_subcommands() {
     let out = tessera(&["--help"]);
     assert!(out.status.success());
     let text = stdout(&out);
-    for sub in ["cluster", "cert", "RUST_LOG"] {
+    for sub in [
+        "cluster", "cert", "storage", "mgmt", "volume", "server", "status", "RUST_LOG",
+    ] {
         assert!(text.contains(sub), "--help lacks {sub}:\n{text}");
     }
 }
