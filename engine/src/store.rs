@@ -713,23 +713,18 @@ impl<D: BlockDevice> Store<D> {
                 .unwrap_or_default();
             let shared = lock.read().await;
             if let Some(slot) = *shared {
-                let (res, buf) = self
-                    .dev
-                    .write_at(data, at, g.slot_offset(slot) + within.start)
-                    .await;
-                data = buf;
-                res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
+                data = self
+                    .write_in_place(volume, data, at, g.slot_offset(slot) + within.start)
+                    .await?;
                 continue;
             }
             drop(shared);
             let mut exclusive = lock.write().await;
+            // Another writer may have allocated the chunk while we waited.
             if let Some(slot) = *exclusive {
-                let (res, buf) = self
-                    .dev
-                    .write_at(data, at, g.slot_offset(slot) + within.start)
-                    .await;
-                data = buf;
-                res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
+                data = self
+                    .write_in_place(volume, data, at, g.slot_offset(slot) + within.start)
+                    .await?;
                 continue;
             }
             match self
@@ -750,6 +745,19 @@ impl<D: BlockDevice> Store<D> {
                 .map_err(|e| self.io_refusal(volume, &e))?;
         }
         Ok(())
+    }
+
+    /// Write `data[at]` to an allocated slot at device byte `pos`; hands the buffer back.
+    async fn write_in_place(
+        &self,
+        volume: &Volume,
+        data: AlignedBuf,
+        at: Range<usize>,
+        pos: u64,
+    ) -> Result<AlignedBuf, Refusal> {
+        let (res, data) = self.dev.write_at(data, at, pos).await;
+        res.map_err(|e| self.io_refusal(volume, &io_err("write", &self.path)(e)))?;
+        Ok(data)
     }
 
     async fn allocate(

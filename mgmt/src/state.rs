@@ -102,6 +102,15 @@ pub enum Command {
         end_page: u64,
         servers: Vec<String>,
     },
+    /// Change the state of `server`'s replica of the partition starting at
+    /// `first_page` (the mirror machinery marks mirrors out of sync, resyncing
+    /// and in sync with it).
+    SetMirrorState {
+        volume: String,
+        first_page: u64,
+        server: String,
+        state: MirrorState,
+    },
     /// Put back a volume's size and layout as they were (undoes a change the
     /// storage servers refused).
     SetLayout {
@@ -367,6 +376,33 @@ impl ClusterState {
                 let old = volume.servers();
                 volume.partitions = set_partition(&volume.partitions, first, end, servers)?;
                 self.mark_changed(outcome, name, old);
+            }
+            Command::SetMirrorState {
+                volume: name,
+                first_page,
+                server,
+                state,
+            } => {
+                let volume = self
+                    .volumes
+                    .get_mut(name)
+                    .ok_or_else(|| not_found("volume", name))?;
+                let replica = volume
+                    .partitions
+                    .iter_mut()
+                    .find(|p| p.first_page == *first_page)
+                    .and_then(|p| p.replicas.iter_mut().find(|r| &r.server == server))
+                    .ok_or_else(|| {
+                        not_found(
+                            "replica",
+                            &format!("{name} pages {first_page}.. on {server}"),
+                        )
+                    })?;
+                if replica.state == *state {
+                    return Err(invalid(format!("replica is already {state:?}")));
+                }
+                replica.state = *state;
+                self.mark_changed(outcome, name, BTreeSet::new());
             }
             Command::SetLayout {
                 volume: name,

@@ -195,49 +195,29 @@ impl StorageProc {
         cluster.issue(Role::Storage, name);
         let data = cluster.path(&format!("{name}.img"));
         let log = cluster.path(&format!("{name}.log"));
-        let mut child = tessera()
-            .args(["storage", "--listen", "127.0.0.1:0", "--size", size])
-            .arg("--data")
-            .arg(&data)
-            .arg("--cluster-dir")
-            .arg(cluster.dir.path())
-            .args(["--name", name])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
-        match line.trim().rsplit_once("serving on ") {
-            Some((_, addr)) => Ok(StorageProc {
-                name: name.to_string(),
-                data,
-                addr: addr.parse().unwrap(),
-                child,
-                log,
-            }),
-            None => {
-                let _ = child.kill();
-                let status = child.wait().unwrap();
-                Err(format!(
-                    "{name} did not start ({status}):\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                ))
-            }
-        }
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["storage".into(), "--listen".into(), "127.0.0.1:0".into()];
+        args.extend([
+            "--size".into(),
+            size.into(),
+            "--data".into(),
+            data.clone().into(),
+        ]);
+        args.extend([
+            "--cluster-dir".into(),
+            cluster.dir.path().into(),
+            "--name".into(),
+            name.into(),
+        ]);
+        args.extend(extra.iter().map(Into::into));
+        let (child, addr) = spawn_server(&args, &log).map_err(|e| format!("{name} {e}"))?;
+        Ok(StorageProc {
+            name: name.to_string(),
+            data,
+            addr,
+            child,
+            log,
+        })
     }
 
     /// SIGKILL: no chance to flush or clean up.

@@ -246,6 +246,30 @@ fn set_partition_splits_replaces_and_refuses_straddling_ranges() {
 }
 
 #[test]
+fn mirror_state_changes_bump_the_volume_epoch() {
+    let mut s = three_servers();
+    s.apply(&create("db", 9 * MIB, 2)).unwrap();
+    let command = Command::SetMirrorState {
+        volume: "db".into(),
+        first_page: 0,
+        server: "s2".into(),
+        state: MirrorState::OutOfSync,
+    };
+    let out = s.apply(&command).unwrap();
+    assert_eq!(s.volumes["db"].epoch, out.epoch);
+    let map = s.volume_map("db").unwrap();
+    assert_eq!(map.partitions[0].replicas[1].state, MirrorState::OutOfSync);
+    assert!(s.apply(&command).is_err(), "no change is refused");
+    let missing = Command::SetMirrorState {
+        volume: "db".into(),
+        first_page: 0,
+        server: "s3".into(),
+        state: MirrorState::InSync,
+    };
+    assert!(s.apply(&missing).is_err());
+}
+
+#[test]
 fn shrink_truncates_partitions() {
     let mut s = three_servers();
     s.apply(&create("db", 9 * MIB, 1)).unwrap();
