@@ -1,1 +1,498 @@
-//! Client library and NBD frontend (arrives with issue 5).
+//! The Tessera client library: open a volume and read and write it.
+//!
+//! The driver fetches the volume's map slice from a management server,
+//! stamps every request with the volume epoch it knows, and sends each page
+//! range to its partition's primary. A request that crosses pages is split
+//! and its pieces run in parallel. When a server answers STALE_EPOCH (or no
+//! longer holds a page) the driver fetches the new map and retries, with
+//! bounded retries and backoff; the application sees typed errors only.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use tessera_driver::{Client, MgmtServer};
+//! use tessera_net::quic::TlsIdentity;
+//!
+//! let identity = TlsIdentity::load_dir("cluster".as_ref(), "app-1")?;
+//! let mgmt = [MgmtServer { addr: "127.0.0.1:7400".parse()?, name: "mgmt".into() }];
+//! let client = Client::connect(&mgmt, &identity).await?;
+//! let volume = client.open_volume("db").await?;
+//! volume.write_at(0, &[7u8; 4096]).await?;
+//! let mut back = vec![0u8; 4096];
+//! volume.read_at(0, &mut back).await?;
+//! volume.flush().await?;
+//! assert_eq!(back, [7u8; 4096]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+pub use error::DriverError;
+use futures_util::future::try_join_all;
+use tessera_net::proto::{
+    BLOCK_SIZE, Epoch, FLAG_FUA, MgmtReply, MgmtRequest, Opcode, Refusal, Request, Role, Status,
+    VolumeMap,
+};
+use tessera_net::quic::{Alpn, Connector, Endpoint, QuicError, TlsIdentity, TransportTuning};
+use tracing::{debug, warn};
+
+/// Attempts per request piece before the application gets `Unavailable`.
+const MAX_ATTEMPTS: u32 = 12;
+const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A management server: where it listens and the name on its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MgmtServer {
+    pub addr: SocketAddr,
+    pub name: String,
+}
+
+/// A connection to a Tessera cluster; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    mgmt: Arc<[MgmtServer]>,
+    mgmt_conns: Connector,
+    data: Connector,
+}
+
+impl Client {
+    /// Connect with this application's identity (a `client` certificate).
+    pub async fn connect(mgmt: &[MgmtServer], identity: &TlsIdentity) -> Result<Self, DriverError> {
+        let first = mgmt.first().ok_or_else(|| DriverError::NoManagement {
+            reason: "no management server given".into(),
+        })?;
+        let local: SocketAddr = if first.addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let endpoint = Endpoint::bind(local, identity, &TransportTuning::default(), &[])?;
+        let client = Client {
+            mgmt: mgmt.into(),
+            mgmt_conns: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Mgmt),
+            data: Connector::new(endpoint, Alpn::Data, Role::Storage),
+        };
+        client.call_mgmt(&MgmtRequest::Ping).await?;
+        Ok(client)
+    }
+
+    /// Open a volume by name.
+    pub async fn open_volume(&self, name: &str) -> Result<Volume, DriverError> {
+        let map = self.fetch_map(name).await?;
+        Ok(Volume {
+            inner: Arc::new(VolumeInner {
+                client: self.clone(),
+                name: name.to_string(),
+                map: ArcSwap::from_pointee(map),
+                refreshing: tokio::sync::Mutex::new(()),
+                next_id: AtomicU64::new(1),
+                refreshes: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    async fn call_mgmt(&self, request: &MgmtRequest) -> Result<MgmtReply, DriverError> {
+        let mut last = String::new();
+        for server in self.mgmt.iter() {
+            let reply = async {
+                let conn = self.mgmt_conns.get(server.addr, &server.name).await?;
+                conn.mgmt(request).await
+            }
+            .await;
+            match reply {
+                Ok(MgmtReply::Refused(refusal)) => return Err(DriverError::Refused(refusal)),
+                Ok(reply) => return Ok(reply),
+                Err(e) => last = format!("{} ({}): {e}", server.name, server.addr),
+            }
+        }
+        Err(DriverError::NoManagement { reason: last })
+    }
+
+    async fn fetch_map(&self, name: &str) -> Result<VolumeMap, DriverError> {
+        match self
+            .call_mgmt(&MgmtRequest::GetMap {
+                volume: name.to_string(),
+            })
+            .await
+        {
+            Ok(MgmtReply::Map(map)) => Ok(map),
+            Ok(other) => Err(DriverError::NoManagement {
+                reason: format!("unexpected reply {other:?}"),
+            }),
+            Err(DriverError::Refused(Refusal::Fenced { volume, .. })) => {
+                Err(DriverError::Fenced { volume })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An open volume; cheap to clone and safe to use from many tasks at once.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<VolumeInner>,
+}
+
+#[derive(Debug)]
+struct VolumeInner {
+    client: Client,
+    name: String,
+    /// The current map slice, swapped whole on refresh: requests read it without a lock.
+    map: ArcSwap<VolumeMap>,
+    /// One map fetch at a time; others wait for it instead of fetching again.
+    refreshing: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+    /// Newer maps fetched after a server refused a request.
+    refreshes: AtomicU64,
+}
+
+/// One request piece: it lies within one page.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    opcode: Opcode,
+    offset: u64,
+    len: u32,
+    fua: bool,
+}
+
+impl Volume {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Size in bytes, as of the current map.
+    pub fn size(&self) -> u64 {
+        self.inner.map.load().size
+    }
+
+    /// How many times a server's refusal made the driver fetch a newer map.
+    pub fn map_refreshes(&self) -> u64 {
+        self.inner.refreshes.load(Ordering::Relaxed)
+    }
+
+    /// The map slice the driver currently routes by.
+    pub fn map(&self) -> Arc<VolumeMap> {
+        self.inner.map.load_full()
+    }
+
+    /// Read `buf.len()` bytes at `offset` (both multiples of 4 KiB).
+    pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DriverError> {
+        let pieces = self.split(Opcode::Read, offset, buf.len() as u64, false)?;
+        let mut rest = buf;
+        let mut targets = Vec::with_capacity(pieces.len());
+        for piece in &pieces {
+            let (head, tail) = rest.split_at_mut(piece.len as usize);
+            targets.push(head);
+            rest = tail;
+        }
+        try_join_all(
+            pieces
+                .into_iter()
+                .zip(targets)
+                .map(|(piece, target)| async move {
+                    let data = self.inner.run(piece, &[]).await?;
+                    if data.len() != target.len() {
+                        return Err(DriverError::Io {
+                            status: Status::Ok,
+                            message: format!(
+                                "read returned {} bytes, expected {}",
+                                data.len(),
+                                target.len()
+                            ),
+                        });
+                    }
+                    target.copy_from_slice(&data);
+                    Ok(())
+                }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Write `data` at `offset` (both multiples of 4 KiB).
+    pub async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DriverError> {
+        self.write_at_with(offset, data, false).await
+    }
+
+    /// Write with force-unit-access: durable when this returns.
+    pub async fn write_at_fua(&self, offset: u64, data: &[u8]) -> Result<(), DriverError> {
+        self.write_at_with(offset, data, true).await
+    }
+
+    async fn write_at_with(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DriverError> {
+        let pieces = self.split(Opcode::Write, offset, data.len() as u64, fua)?;
+        let mut at = 0usize;
+        let mut jobs = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            let payload = &data[at..at + piece.len as usize];
+            at += piece.len as usize;
+            jobs.push(self.inner.run(piece, payload));
+        }
+        try_join_all(jobs).await?;
+        Ok(())
+    }
+
+    /// Discard a range: it reads as zeroes afterwards.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), DriverError> {
+        self.ranged(Opcode::Trim, offset, len).await
+    }
+
+    /// Write zeroes over a range without sending them.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DriverError> {
+        self.ranged(Opcode::WriteZeroes, offset, len).await
+    }
+
+    async fn ranged(&self, opcode: Opcode, offset: u64, len: u64) -> Result<(), DriverError> {
+        let pieces = self.split(opcode, offset, len, false)?;
+        try_join_all(pieces.into_iter().map(|p| self.inner.run(p, &[]))).await?;
+        Ok(())
+    }
+
+    /// Make every completed write durable on every server of the volume.
+    pub async fn flush(&self) -> Result<(), DriverError> {
+        let map = self.inner.map.load_full();
+        // One FLUSH per primary server, addressed through one of its partitions.
+        let mut primaries = std::collections::BTreeMap::new();
+        for p in &map.partitions {
+            if let Some(r) = p.replicas.first() {
+                primaries.entry(r.server.clone()).or_insert(p.first_page);
+            }
+        }
+        let page = u64::from(map.page_size);
+        try_join_all(primaries.into_values().map(|first| {
+            let piece = Piece {
+                opcode: Opcode::Flush,
+                offset: first * page,
+                len: 0,
+                fua: false,
+            };
+            self.inner.run(piece, &[])
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Cut `[offset, offset + len)` at page boundaries.
+    fn split(
+        &self,
+        opcode: Opcode,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<Vec<Piece>, DriverError> {
+        let map = self.inner.map.load();
+        let block = u64::from(BLOCK_SIZE);
+        if !offset.is_multiple_of(block) || !len.is_multiple_of(block) {
+            return Err(DriverError::Misaligned {
+                offset,
+                len,
+                block: BLOCK_SIZE,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > map.size) {
+            return Err(DriverError::OutOfRange {
+                offset,
+                len,
+                size: map.size,
+            });
+        }
+        let page = u64::from(map.page_size);
+        let mut pieces = Vec::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let piece_end = end.min((pos / page + 1) * page);
+            pieces.push(Piece {
+                opcode,
+                offset: pos,
+                len: (piece_end - pos) as u32,
+                fua,
+            });
+            pos = piece_end;
+        }
+        Ok(pieces)
+    }
+}
+
+impl VolumeInner {
+    /// Send one piece to the primary of its page, following map changes.
+    async fn run(&self, piece: Piece, payload: &[u8]) -> Result<Vec<u8>, DriverError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut last = String::new();
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            let map = self.map.load_full();
+            let page = piece.offset / u64::from(map.page_size);
+            let Some(primary) = map
+                .partitions
+                .iter()
+                .find(|p| p.first_page <= page && page < p.end_page)
+                .and_then(|p| p.replicas.first())
+            else {
+                last = format!("page {page} has no replica in map epoch {}", map.epoch);
+                self.refresh(map.epoch).await?;
+                continue;
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut request = if piece.opcode == Opcode::Write {
+                Request::write(map.id, map.epoch, piece.offset, payload, id).map_err(|e| {
+                    DriverError::Io {
+                        status: Status::BadRequest,
+                        message: e.to_string(),
+                    }
+                })?
+            } else {
+                Request::new(piece.opcode, map.id, map.epoch, piece.offset, piece.len, id)
+            };
+            if piece.fua {
+                request.flags |= FLAG_FUA;
+            }
+            if piece.opcode == Opcode::Flush {
+                // FLUSH carries no range; it goes to the server of `piece.offset`'s page.
+                request.offset = 0;
+                request.length = 0;
+            }
+            let sent = async {
+                let conn = self.client.data.get(primary.addr, &primary.server).await?;
+                conn.data(&request, payload).await
+            }
+            .await;
+            let (reply, data) = match sent {
+                Ok(answer) => answer,
+                Err(e) => {
+                    // The server may be down: the management server will move on; so do we.
+                    debug!(volume = %self.name, server = %primary.server, error = %e, "request failed");
+                    last = format!("{}: {e}", primary.server);
+                    self.refresh(map.epoch).await?;
+                    continue;
+                }
+            };
+            match reply.status {
+                Status::Ok => return Ok(data),
+                Status::StaleEpoch | Status::NotOwner | Status::Unavailable => {
+                    debug!(volume = %self.name, status = ?reply.status, ours = %map.epoch, theirs = %reply.epoch, "refreshing map");
+                    last = format!(
+                        "{}: {:?} at epoch {}",
+                        primary.server, reply.status, map.epoch
+                    );
+                    self.refresh(map.epoch).await?;
+                }
+                Status::OutOfRange => {
+                    self.refresh(map.epoch).await?;
+                    let size = self.map.load().size;
+                    if piece.offset + u64::from(piece.len) > size {
+                        return Err(DriverError::OutOfRange {
+                            offset: piece.offset,
+                            len: u64::from(piece.len),
+                            size,
+                        });
+                    }
+                }
+                Status::Fenced => {
+                    return Err(DriverError::Fenced {
+                        volume: self.name.clone(),
+                    });
+                }
+                status => {
+                    return Err(DriverError::Io {
+                        status,
+                        message: String::from_utf8_lossy(&data).into_owned(),
+                    });
+                }
+            }
+        }
+        warn!(volume = %self.name, %last, "giving up");
+        Err(DriverError::Unavailable {
+            volume: self.name.clone(),
+            reason: last,
+        })
+    }
+
+    /// Fetch the map again unless someone already did since epoch `seen`.
+    async fn refresh(&self, seen: Epoch) -> Result<(), DriverError> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        if self.map.load().epoch > seen {
+            return Ok(());
+        }
+        match self.client.fetch_map(&self.name).await {
+            Ok(map) => {
+                if map.epoch > seen {
+                    self.refreshes.fetch_add(1, Ordering::Relaxed);
+                }
+                self.map.store(Arc::new(map));
+                Ok(())
+            }
+            // The management server may be restarting: keep the map and retry later.
+            Err(DriverError::NoManagement { reason }) => {
+                debug!(%reason, "map refresh failed");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A volume for callers that are not async: each call blocks on an internal runtime.
+#[derive(Debug)]
+pub struct BlockingVolume {
+    volume: Volume,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl BlockingVolume {
+    /// Connect and open `name`.
+    pub fn open(
+        mgmt: &[MgmtServer],
+        identity: &TlsIdentity,
+        name: &str,
+    ) -> Result<Self, DriverError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                DriverError::Transport(QuicError::Socket {
+                    action: "start runtime",
+                    source: e,
+                })
+            })?;
+        let volume = runtime.block_on(async {
+            let client = Client::connect(mgmt, identity).await?;
+            client.open_volume(name).await
+        })?;
+        Ok(BlockingVolume { volume, runtime })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DriverError> {
+        self.runtime.block_on(self.volume.read_at(offset, buf))
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DriverError> {
+        self.runtime.block_on(self.volume.write_at(offset, data))
+    }
+
+    pub fn flush(&self) -> Result<(), DriverError> {
+        self.runtime.block_on(self.volume.flush())
+    }
+
+    pub fn trim(&self, offset: u64, len: u64) -> Result<(), DriverError> {
+        self.runtime.block_on(self.volume.trim(offset, len))
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DriverError> {
+        self.runtime.block_on(self.volume.write_zeroes(offset, len))
+    }
+}
