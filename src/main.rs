@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 mod admin;
 mod mgmt_cmd;
+mod nbd_cmd;
 mod storage;
 mod tls;
 
@@ -37,6 +38,8 @@ enum Command {
     Storage(Box<storage::StorageCommand>),
     /// Run the management server.
     Mgmt(mgmt_cmd::MgmtCommand),
+    /// Serve a volume over NBD.
+    Nbd(nbd_cmd::NbdCommand),
     /// Create, list, show, partition, resize and delete volumes (admin).
     Volume {
         #[command(subcommand)]
@@ -126,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert(CertCommand::Issue(args)) => cert_issue(args),
         Command::Storage(command) => storage::run(*command),
         Command::Mgmt(command) => mgmt_cmd::run(command),
+        Command::Nbd(command) => nbd_cmd::run(command),
         Command::Volume {
             command,
             connection,

@@ -26,6 +26,7 @@
 //! ```
 
 mod error;
+pub mod nbd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -75,7 +75,7 @@ pub fn tessera() -> Command {
 }
 
 /// Spawn `tessera` with `args`, wait for its "serving on ADDR" line.
-fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, SocketAddr), String> {
+pub fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, String), String> {
     let mut child = tessera()
         .args(args)
         .stdout(Stdio::piped())
@@ -97,7 +97,7 @@ fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, Socke
     });
     let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
     match line.trim().rsplit_once("serving on ") {
-        Some((_, addr)) => Ok((child, addr.parse().unwrap())),
+        Some((_, addr)) => Ok((child, addr.to_string())),
         None => {
             let _ = child.kill();
             let status = child.wait().unwrap();
@@ -143,7 +143,11 @@ impl MgmtProc {
             heartbeat_timeout_ms.to_string().into(),
         ];
         let (child, addr) = spawn_server(&args, &log).unwrap_or_else(|e| panic!("mgmt {e}"));
-        MgmtProc { addr, child, log }
+        MgmtProc {
+            addr: addr.parse().unwrap(),
+            child,
+            log,
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -211,6 +215,7 @@ impl StorageProc {
         ]);
         args.extend(extra.iter().map(Into::into));
         let (child, addr) = spawn_server(&args, &log).map_err(|e| format!("{name} {e}"))?;
+        let addr = addr.parse().unwrap();
         Ok(StorageProc {
             name: name.to_string(),
             data,

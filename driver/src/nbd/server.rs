@@ -1,0 +1,467 @@
+//! Serving a volume over NBD: handshake (option haggling), then the
+//! transmission phase with many requests in flight. Requests that are not
+//! 4 KiB-aligned (from clients that ignore the advertised block size) are
+//! served by read-modify-write.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use super::proto::*;
+use crate::{DriverError, Volume};
+
+/// Requests one connection may have in flight; more wait to be read.
+const MAX_IN_FLIGHT: usize = 128;
+const BLOCK: u64 = 4096;
+
+/// What is exported: one volume, under its name (the empty name works too).
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: String,
+    pub volume: Volume,
+}
+
+/// Why a connection ended other than by a clean disconnect.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] NbdError),
+}
+
+fn transmission_flags() -> u16 {
+    TX_HAS_FLAGS
+        | TX_SEND_FLUSH
+        | TX_SEND_FUA
+        | TX_SEND_TRIM
+        | TX_SEND_WRITE_ZEROES
+        | TX_CAN_MULTI_CONN
+}
+
+/// Serve one client connection until it disconnects.
+pub async fn serve<S>(stream: S, export: Arc<Export>) -> Result<(), ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    if !handshake(&mut reader, &mut writer, &export).await? {
+        return Ok(());
+    }
+    transmission(reader, writer, export).await
+}
+
+/// Option haggling; `Ok(true)` when the client moves on to transmission.
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    export: &Export,
+) -> Result<bool, ServeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&NBD_MAGIC.to_be_bytes()).await?;
+    writer.write_all(&IHAVEOPT.to_be_bytes()).await?;
+    writer
+        .write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+        .await?;
+    writer.flush().await?;
+    let client_flags = reader.read_u32().await?;
+    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::NotFixedNewstyle {
+            flags: client_flags,
+        }
+        .into());
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    loop {
+        let mut header = [0u8; 16];
+        reader.read_exact(&mut header).await?;
+        let header = parse_option_header(&header)?;
+        let mut data = vec![0u8; header.length as usize];
+        reader.read_exact(&mut data).await?;
+        let size = export.volume.size();
+        match header.option {
+            OPT_EXPORT_NAME => {
+                // No error reply is possible here: an unknown name just closes.
+                let name = String::from_utf8_lossy(&data);
+                if !name.is_empty() && name != export.name {
+                    warn!(%name, "unknown export");
+                    return Ok(false);
+                }
+                writer.write_all(&size.to_be_bytes()).await?;
+                writer
+                    .write_all(&transmission_flags().to_be_bytes())
+                    .await?;
+                if !no_zeroes {
+                    writer.write_all(&[0u8; 124]).await?;
+                }
+                writer.flush().await?;
+                return Ok(true);
+            }
+            OPT_ABORT => {
+                writer
+                    .write_all(&option_reply(header.option, REP_ACK, &[]))
+                    .await?;
+                writer.flush().await?;
+                return Ok(false);
+            }
+            OPT_LIST => {
+                let mut entry = (export.name.len() as u32).to_be_bytes().to_vec();
+                entry.extend_from_slice(export.name.as_bytes());
+                writer
+                    .write_all(&option_reply(OPT_LIST, REP_SERVER, &entry))
+                    .await?;
+                writer
+                    .write_all(&option_reply(OPT_LIST, REP_ACK, &[]))
+                    .await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let request = match parse_info_request(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        writer
+                            .write_all(&option_reply(
+                                header.option,
+                                REP_ERR_INVALID,
+                                msg.as_bytes(),
+                            ))
+                            .await?;
+                        writer.flush().await?;
+                        continue;
+                    }
+                };
+                if !request.name.is_empty() && request.name != export.name {
+                    let msg = format!("no export named {:?}", request.name);
+                    writer
+                        .write_all(&option_reply(
+                            header.option,
+                            REP_ERR_UNKNOWN,
+                            msg.as_bytes(),
+                        ))
+                        .await?;
+                    writer.flush().await?;
+                    continue;
+                }
+                let info = info_export(size, transmission_flags());
+                writer
+                    .write_all(&option_reply(header.option, REP_INFO, &info))
+                    .await?;
+                if request.infos.contains(&INFO_BLOCK_SIZE) {
+                    let sizes = info_block_size(BLOCK as u32, BLOCK as u32, MAX_REQUEST_LEN);
+                    writer
+                        .write_all(&option_reply(header.option, REP_INFO, &sizes))
+                        .await?;
+                }
+                writer
+                    .write_all(&option_reply(header.option, REP_ACK, &[]))
+                    .await?;
+                writer.flush().await?;
+                if header.option == OPT_GO {
+                    return Ok(true);
+                }
+            }
+            other => {
+                debug!(option = other, "unsupported option");
+                writer
+                    .write_all(&option_reply(other, REP_ERR_UNSUP, &[]))
+                    .await?;
+            }
+        }
+        writer.flush().await?;
+    }
+}
+
+async fn transmission<R, W>(
+    mut reader: R,
+    mut writer: W,
+    export: Arc<Export>,
+) -> Result<(), ServeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // One task writes replies in the order they complete.
+    let (replies, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    let writer_task = tokio::spawn(async move {
+        while let Some(reply) = outgoing.recv().await {
+            writer.write_all(&reply).await?;
+            if outgoing.is_empty() {
+                writer.flush().await?;
+            }
+        }
+        writer.flush().await?;
+        Ok::<(), std::io::Error>(())
+    });
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = loop {
+        let mut header = [0u8; REQUEST_LEN];
+        if let Err(e) = reader.read_exact(&mut header).await {
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e.into())
+            };
+        }
+        let request = match parse_request(&header) {
+            Ok(r) => r,
+            // Out of sync with the client: nothing sensible can follow.
+            Err(e) => break Err(e.into()),
+        };
+        if request.command == Command::Disconnect {
+            break Ok(());
+        }
+        let payload = if request.command == Command::Write {
+            let mut data = vec![0u8; request.length as usize];
+            if let Err(e) = reader.read_exact(&mut data).await {
+                break Err(e.into());
+            }
+            data
+        } else {
+            Vec::new()
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let (export, replies) = (export.clone(), replies.clone());
+        tokio::spawn(async move {
+            let reply = execute(&export.volume, request, payload).await;
+            let _ = replies.send(reply).await;
+            drop(permit);
+        });
+    };
+    // Let requests in flight finish and their replies go out.
+    let _ = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
+    drop(replies);
+    match writer_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "reply not delivered"),
+        Err(e) => debug!(error = %e, "reply writer failed"),
+    }
+    result
+}
+
+fn errno(e: &DriverError, write: bool) -> u32 {
+    match e {
+        DriverError::OutOfRange { .. } if write => ENOSPC,
+        DriverError::OutOfRange { .. } | DriverError::Misaligned { .. } => EINVAL,
+        DriverError::Fenced { .. } => EPERM,
+        _ => EIO,
+    }
+}
+
+async fn execute(volume: &Volume, request: Request, payload: Vec<u8>) -> Vec<u8> {
+    let fua = request.flags & CMD_FLAG_FUA != 0;
+    let (offset, len) = (request.offset, u64::from(request.length));
+    let outcome: Result<Vec<u8>, DriverError> = async {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > volume.size())
+        {
+            return Err(DriverError::OutOfRange {
+                offset,
+                len,
+                size: volume.size(),
+            });
+        }
+        match request.command {
+            Command::Read => read(volume, offset, len).await,
+            Command::Write => {
+                write(volume, offset, &payload, fua).await?;
+                Ok(Vec::new())
+            }
+            Command::Flush => {
+                volume.flush().await?;
+                Ok(Vec::new())
+            }
+            Command::Trim => {
+                // Advisory: only whole blocks inside the range are discarded.
+                let (start, end) = (
+                    offset.next_multiple_of(BLOCK),
+                    (offset + len) / BLOCK * BLOCK,
+                );
+                if start < end {
+                    volume.trim(start, end - start).await?;
+                }
+                Ok(Vec::new())
+            }
+            Command::WriteZeroes => {
+                let (start, end) = (
+                    offset.next_multiple_of(BLOCK),
+                    (offset + len) / BLOCK * BLOCK,
+                );
+                if start < end {
+                    volume.write_zeroes(start, end - start).await?;
+                    // Unaligned edges get explicit zeroes.
+                    write(volume, offset, &vec![0u8; (start - offset) as usize], false).await?;
+                    write(
+                        volume,
+                        end,
+                        &vec![0u8; (offset + len - end) as usize],
+                        false,
+                    )
+                    .await?;
+                } else {
+                    write(volume, offset, &vec![0u8; len as usize], false).await?;
+                }
+                if fua {
+                    volume.flush().await?;
+                }
+                Ok(Vec::new())
+            }
+            Command::Disconnect => Ok(Vec::new()),
+        }
+    }
+    .await;
+    match outcome {
+        Ok(data) => {
+            let mut reply = simple_reply(0, request.cookie).to_vec();
+            reply.extend_from_slice(&data);
+            reply
+        }
+        Err(e) => {
+            warn!(command = ?request.command, offset, len, error = %e, "request failed");
+            simple_reply(errno(&e, request.command != Command::Read), request.cookie).to_vec()
+        }
+    }
+}
+
+async fn read(volume: &Volume, offset: u64, len: u64) -> Result<Vec<u8>, DriverError> {
+    let (start, end) = (
+        offset / BLOCK * BLOCK,
+        (offset + len).next_multiple_of(BLOCK),
+    );
+    let mut buf = vec![0u8; (end - start) as usize];
+    if len > 0 {
+        volume.read_at(start, &mut buf).await?;
+    }
+    let skip = (offset - start) as usize;
+    Ok(buf[skip..skip + len as usize].to_vec())
+}
+
+/// Write `data` at `offset`; unaligned edges are read, merged and written whole.
+async fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool) -> Result<(), DriverError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let end = offset + data.len() as u64;
+    let (start, aligned_end) = (offset / BLOCK * BLOCK, end.next_multiple_of(BLOCK));
+    if start == offset && aligned_end == end {
+        return if fua {
+            volume.write_at_fua(offset, data).await
+        } else {
+            volume.write_at(offset, data).await
+        };
+    }
+    let mut merged = read(volume, start, aligned_end - start).await?;
+    merged[(offset - start) as usize..][..data.len()].copy_from_slice(data);
+    if fua {
+        volume.write_at_fua(start, &merged).await
+    } else {
+        volume.write_at(start, &merged).await
+    }
+}
+
+/// Where to listen: a Unix socket path or a TCP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(std::path::PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            Ok(Listen::Unix(path.into()))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            addr.parse()
+                .map(Listen::Tcp)
+                .map_err(|e| format!("bad address {addr:?}: {e}"))
+        } else {
+            Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"))
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A bound listener; `local` is what clients dial (the real port for tcp port 0).
+#[derive(Debug)]
+pub enum Listener {
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    pub async fn bind(listen: &Listen) -> std::io::Result<Self> {
+        match listen {
+            Listen::Unix(path) => {
+                // A socket file left by a previous run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Listener::Unix(
+                    tokio::net::UnixListener::bind(path)?,
+                    path.clone(),
+                ))
+            }
+            Listen::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+        }
+    }
+
+    pub fn local(&self) -> std::io::Result<Listen> {
+        match self {
+            Listener::Unix(_, path) => Ok(Listen::Unix(path.clone())),
+            Listener::Tcp(l) => l.local_addr().map(Listen::Tcp),
+        }
+    }
+
+    /// An NBD URI for clients such as nbdinfo, nbdcopy and qemu-img.
+    pub fn uri(&self, export: &str) -> std::io::Result<String> {
+        Ok(match self.local()? {
+            Listen::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            Listen::Tcp(addr) => format!("nbd://{addr}/{export}"),
+        })
+    }
+
+    /// Accept clients forever, each served on its own task.
+    pub async fn run(self, export: Arc<Export>) -> std::io::Result<()> {
+        loop {
+            let export = export.clone();
+            match &self {
+                Listener::Unix(l, _) => {
+                    let (stream, _) = l.accept().await?;
+                    tokio::spawn(log_end(serve(stream, export)));
+                }
+                Listener::Tcp(l) => {
+                    let (stream, peer) = l.accept().await?;
+                    let _ = stream.set_nodelay(true);
+                    info!(%peer, "NBD client connected");
+                    tokio::spawn(log_end(serve(stream, export)));
+                }
+            }
+        }
+    }
+}
+
+async fn log_end(connection: impl Future<Output = Result<(), ServeError>>) {
+    match connection.await {
+        Ok(()) => debug!("NBD client disconnected"),
+        Err(e) => warn!(error = %e, "NBD connection ended"),
+    }
+}

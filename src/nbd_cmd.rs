@@ -1,0 +1,81 @@
+//! `tessera nbd`: serve a volume over NBD.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tessera_driver::nbd::{Export, Listen, Listener};
+use tessera_driver::{Client, MgmtServer};
+use tessera_net::proto::Role;
+use tessera_net::quic::TlsPaths;
+
+use crate::storage::shutdown_signal;
+use crate::tls::TlsArgs;
+
+/// Serve a volume over NBD (to qemu, nbdcopy, nbdinfo, fio, nbd-client).
+#[derive(Debug, Args)]
+pub struct NbdCommand {
+    /// The volume to export (also the NBD export name).
+    #[arg(long)]
+    volume: String,
+    /// Where NBD clients connect: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "unix:PATH|tcp:ADDR")]
+    listen: Listen,
+    /// Management server address.
+    #[arg(long, env = "TESSERA_MGMT", default_value = "127.0.0.1:7400")]
+    mgmt: SocketAddr,
+    /// The management server's certificate name.
+    #[arg(long, env = "TESSERA_MGMT_NAME", default_value = "mgmt")]
+    mgmt_name: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+pub fn run(command: NbdCommand) -> anyhow::Result<()> {
+    let mut paths = TlsPaths::default();
+    command.tls.apply(&mut paths)?;
+    let identity = paths.load().context("cannot load TLS certificates")?;
+    if identity.me().role != Role::Client {
+        bail!(
+            "certificate {} has role {}, the NBD frontend needs role client",
+            paths.cert.display(),
+            identity.me().role
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let mgmt = [MgmtServer {
+            addr: command.mgmt,
+            name: command.mgmt_name,
+        }];
+        let client = Client::connect(&mgmt, &identity)
+            .await
+            .context("cannot reach the cluster")?;
+        let volume = client
+            .open_volume(&command.volume)
+            .await
+            .with_context(|| format!("cannot open volume {}", command.volume))?;
+        let listener = Listener::bind(&command.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", command.listen))?;
+        println!(
+            "tessera nbd {} serving on {}",
+            command.volume,
+            listener.uri(&command.volume)?
+        );
+        let export = Arc::new(Export {
+            name: command.volume,
+            volume,
+        });
+        tokio::select! {
+            served = listener.run(export) => served.context("NBD listener failed")?,
+            signal = shutdown_signal() => signal?,
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,209 @@
+//! The NBD frontend through real clients from Debian: nbdinfo, nbdcopy,
+//! fio's nbd engine and qemu-img (installed by .ci/run). Where a client is
+//! missing the test says so and skips.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Role};
+
+const VOLUME_MIB: u64 = 96;
+
+struct NbdCluster {
+    cluster: TestCluster,
+    _mgmt: MgmtProc,
+    _servers: Vec<StorageProc>,
+    nbd: Child,
+    uri: String,
+}
+
+impl Drop for NbdCluster {
+    fn drop(&mut self) {
+        let _ = self.nbd.kill();
+        let _ = self.nbd.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        println!(
+            "SKIPPED: {tool} is not installed (apt-get install libnbd-bin fio qemu-utils; .ci/run does)"
+        );
+    }
+    found
+}
+
+async fn nbd_cluster() -> NbdCluster {
+    let cluster = TestCluster::new();
+    let mgmt = MgmtProc::start(&cluster, 5_000);
+    let addr = mgmt.addr.to_string();
+    let servers: Vec<_> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|name| StorageProc::start(&cluster, name, "128M", &["--mgmt", &addr]))
+        .collect();
+    let admin = mgmt.connect(&cluster, Role::Admin, "admin").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let MgmtReply::Status(s) = admin.mgmt(&MgmtRequest::Status).await.unwrap() else {
+            panic!()
+        };
+        if s.servers.iter().filter(|s| s.up).count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "servers did not register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let create = AdminCommand::CreateVolume {
+        name: "db".into(),
+        size: VOLUME_MIB * MIB,
+        page_size: MIB as u32,
+        replicas: 1,
+        servers: None,
+    };
+    assert!(matches!(
+        admin.mgmt(&MgmtRequest::Admin(create)).await.unwrap(),
+        MgmtReply::Applied { .. }
+    ));
+    cluster.issue(Role::Client, "app");
+    let socket = cluster.path("nbd.sock");
+    let args: Vec<std::ffi::OsString> = vec![
+        "nbd".into(),
+        "--volume".into(),
+        "db".into(),
+        "--listen".into(),
+        format!("unix:{}", socket.display()).into(),
+        "--mgmt".into(),
+        addr.into(),
+        "--cluster-dir".into(),
+        cluster.dir.path().into(),
+        "--name".into(),
+        "app".into(),
+    ];
+    let (nbd, uri) =
+        spawn_server(&args, &cluster.path("nbd.log")).unwrap_or_else(|e| panic!("nbd {e}"));
+    NbdCluster {
+        cluster,
+        _mgmt: mgmt,
+        _servers: servers,
+        nbd,
+        uri,
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn crc_of(path: &Path, len: usize) -> u32 {
+    crc32c::crc32c(&std::fs::read(path).unwrap()[..len])
+}
+
+#[tokio::test]
+async fn nbdinfo_shows_the_size() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let c = nbd_cluster().await;
+    let size = run(Command::new("nbdinfo").args(["--size", &c.uri]));
+    assert_eq!(size.trim(), (VOLUME_MIB * MIB).to_string());
+    let info = run(Command::new("nbdinfo").arg(&c.uri));
+    assert!(info.contains("block_size_minimum: 4096"), "{info}");
+    assert!(info.contains("can_fua: true"), "{info}");
+}
+
+#[tokio::test]
+async fn nbdcopy_round_trips_64_mib() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let c = nbd_cluster().await;
+    let len = 64 << 20;
+    let source = c.cluster.path("source.bin");
+    std::fs::write(&source, pattern(42, len)).unwrap();
+    run(Command::new("nbdcopy").arg(&source).arg(&c.uri));
+    let back = c.cluster.path("back.bin");
+    run(Command::new("nbdcopy").arg(&c.uri).arg(&back));
+    assert_eq!(crc_of(&back, len), crc_of(&source, len));
+    // The rest of the volume was never written: zeroes.
+    let tail = &std::fs::read(&back).unwrap()[len..];
+    assert_eq!(tail.len() as u64, (VOLUME_MIB << 20) - len as u64);
+    assert!(tail.iter().all(|b| *b == 0));
+}
+
+#[tokio::test]
+async fn fio_random_writes_verify_crc32c() {
+    if !have("fio") {
+        return;
+    }
+    let c = nbd_cluster().await;
+    let json = c.cluster.path("fio.json");
+    run(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", c.uri),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=32M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--randrepeat=1",
+        "--output-format=json",
+        &format!("--output={}", json.display()),
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert_eq!(job["write"]["io_bytes"], 32 << 20);
+    assert_eq!(
+        job["read"]["io_bytes"],
+        32 << 20,
+        "every block was read back and verified"
+    );
+}
+
+#[tokio::test]
+async fn qemu_img_convert_into_the_export_and_back() {
+    if !have("qemu-img") {
+        return;
+    }
+    let c = nbd_cluster().await;
+    let len = 16 << 20;
+    let image = c.cluster.path("disk.raw");
+    std::fs::write(&image, pattern(7, len)).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&image)
+        .arg(&c.uri));
+    let back = c.cluster.path("back.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&c.uri)
+        .arg(&back));
+    assert_eq!(crc_of(&back, len), crc_of(&image, len));
+    let info = run(Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&c.uri));
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", VOLUME_MIB << 20)),
+        "{info}"
+    );
+}
