@@ -10,6 +10,7 @@ use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
+mod demo;
 mod mgmt_cmd;
 mod nbd_cmd;
 mod storage;
@@ -28,6 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a local cluster (./tessera-demo): 1 management and 3 storage
+    /// servers, a volume, served over NBD until Ctrl-C.
+    Demo(demo::DemoCommand),
     /// Create and inspect the cluster's certificate authority.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(command) => demo::run(command),
         Command::Cluster(ClusterCommand::Init(args)) => cluster_init(args),
         Command::Cert(CertCommand::Issue(args)) => cert_issue(args),
         Command::Storage(command) => storage::run(*command),
