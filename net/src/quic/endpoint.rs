@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
@@ -359,7 +361,9 @@ pub struct Connector {
     endpoint: Endpoint,
     alpn: Alpn,
     role: Role,
-    connections: Arc<Mutex<HashMap<SocketAddr, PeerConnection>>>,
+    /// Read on every request without a lock; replaced whole (copy on write)
+    /// when a connection is added, which happens once per peer.
+    connections: Arc<ArcSwap<HashMap<SocketAddr, PeerConnection>>>,
 }
 
 impl Connector {
@@ -375,35 +379,40 @@ impl Connector {
 
     /// The open connection to `addr`, or a new one.
     pub async fn get(&self, addr: SocketAddr, name: &str) -> Result<PeerConnection, QuicError> {
-        if let Some(conn) = self.cached(addr).filter(|c| c.peer.name == name) {
+        if let Some(conn) = self.cached(addr, name) {
             return Ok(conn);
         }
         let fresh = self
             .endpoint
             .connect(addr, name, self.alpn, self.role)
             .await?;
-        let mut connections = self.lock();
-        // Another task may have connected meanwhile: keep one connection per peer.
-        if let Some(existing) = connections
+        let mut kept = fresh.clone();
+        self.connections.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            // Another task may have connected meanwhile: keep one connection per peer.
+            match current
+                .get(&addr)
+                .filter(|c| !c.is_closed() && c.peer.name == name)
+            {
+                Some(existing) => kept = existing.clone(),
+                None => {
+                    kept = fresh.clone();
+                    next.insert(addr, fresh.clone());
+                }
+            }
+            next
+        });
+        if kept.id() != fresh.id() {
+            fresh.close();
+        }
+        Ok(kept)
+    }
+
+    fn cached(&self, addr: SocketAddr, name: &str) -> Option<PeerConnection> {
+        self.connections
+            .load()
             .get(&addr)
             .filter(|c| !c.is_closed() && c.peer.name == name)
-        {
-            let existing = existing.clone();
-            fresh.close();
-            return Ok(existing);
-        }
-        connections.insert(addr, fresh.clone());
-        Ok(fresh)
-    }
-
-    fn cached(&self, addr: SocketAddr) -> Option<PeerConnection> {
-        self.lock().get(&addr).filter(|c| !c.is_closed()).cloned()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerConnection>> {
-        // A panic while holding this lock cannot leave the map inconsistent.
-        self.connections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .cloned()
     }
 }
