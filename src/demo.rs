@@ -307,10 +307,7 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
         .await
         .with_context(|| format!("cannot listen on {}", command.nbd))?;
     let uri = listener.uri(VOLUME)?;
-    let export = Arc::new(Export {
-        name: VOLUME.into(),
-        volume,
-    });
+    let export = Arc::new(Export::new(VOLUME.into(), volume));
     let serving = tokio::spawn(listener.run(export));
     println!("\nvolume {VOLUME} is served over NBD at {uri}");
     println!("  nbdinfo {uri}");

@@ -68,10 +68,7 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
             command.volume,
             listener.uri(&command.volume)?
         );
-        let export = Arc::new(Export {
-            name: command.volume,
-            volume,
-        });
+        let export = Arc::new(Export::new(command.volume, volume));
         tokio::select! {
             served = listener.run(export) => served.context("NBD listener failed")?,
             signal = shutdown_signal() => signal?,

@@ -566,6 +566,18 @@ async fn partition_changes_and_shrinks_never_drop_written_data() {
         assert_eq!(data, pattern(page, 4096), "page {page}");
     }
 
+    // New replicas (or a new primary) for pages with data would start empty: refused.
+    let reply = admin(&mgmt, &cluster, set(0, 5, &["s2", "s1"])).await;
+    assert!(
+        matches!(&reply, MgmtReply::Refused(Refusal::WouldLoseData { detail }) if detail.contains("start empty")),
+        "{reply:?}"
+    );
+    // For empty pages a new replica set is fine.
+    let reply = admin(&mgmt, &cluster, set(12, 14, &["s3", "s2"])).await;
+    assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
+    let map = get_map(&mgmt, &cluster, "db").await;
+    let epoch = map.epoch;
+
     // The storage server enforces this itself, whoever pushes the map.
     let mut taking = map.clone();
     taking.epoch = Epoch(epoch.0 + 100);

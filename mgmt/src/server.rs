@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -76,7 +77,10 @@ struct Manager {
     state: ClusterState,
     db: Db,
     connector: Connector,
-    last_seen: HashMap<String, Instant>,
+    /// When each storage server was last heard from. Connection tasks write
+    /// it as requests arrive, so a heartbeat queued behind a slow change
+    /// still counts on time.
+    last_seen: LastSeen,
     /// The epoch each server last acknowledged or reported, per volume.
     held: HashMap<String, HashMap<VolumeId, Epoch>>,
     heartbeat_timeout: Duration,
@@ -95,8 +99,11 @@ pub async fn run(
     info!(%addr, epoch = %state.epoch, servers = state.servers.len(), volumes = state.volumes.len(), "management server up");
     println!("tessera mgmt {} serving on {addr}", identity.me().name);
     let now = Instant::now();
+    let last_seen: LastSeen = Arc::new(Mutex::new(
+        state.servers.keys().map(|s| (s.clone(), now)).collect(),
+    ));
     let mut manager = Manager {
-        last_seen: state.servers.keys().map(|s| (s.clone(), now)).collect(),
+        last_seen: last_seen.clone(),
         state,
         db,
         connector: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Storage),
@@ -105,7 +112,7 @@ pub async fn run(
         push_timeout: Duration::from_millis(config.push_timeout_ms),
     };
     let (tx, mut rx) = mpsc::channel::<Request>(1024);
-    tokio::spawn(accept_loop(endpoint.clone(), tx));
+    tokio::spawn(accept_loop(endpoint.clone(), tx, last_seen));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
     loop {
@@ -123,25 +130,42 @@ pub async fn run(
     Ok(())
 }
 
-async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Request>) {
+type LastSeen = Arc<Mutex<HashMap<String, Instant>>>;
+
+fn lock(seen: &LastSeen) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    seen.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Request>, last_seen: LastSeen) {
     while let Some(handshake) = endpoint.accept().await {
         let tx = tx.clone();
+        let last_seen = last_seen.clone();
         tokio::spawn(async move {
             let remote = handshake.remote_address();
             match handshake.finish().await {
-                Ok(conn) => serve_connection(conn, tx).await,
+                Ok(conn) => serve_connection(conn, tx, last_seen).await,
                 Err(e) => warn!(%remote, error = %e, "handshake refused"),
             }
         });
     }
 }
 
-async fn serve_connection(conn: PeerConnection, tx: mpsc::Sender<Request>) {
+async fn serve_connection(conn: PeerConnection, tx: mpsc::Sender<Request>, last_seen: LastSeen) {
     while let Some((send, recv)) = conn.accept_stream().await {
         let peer = conn.peer().clone();
         let tx = tx.clone();
+        let last_seen = last_seen.clone();
         tokio::spawn(async move {
             let handled = serve_mgmt_stream(&peer.clone(), send, recv, |request| async move {
+                if peer.role == Role::Storage
+                    && matches!(
+                        request,
+                        MgmtRequest::Register { .. } | MgmtRequest::Heartbeat { .. }
+                    )
+                {
+                    lock(&last_seen).insert(peer.name.clone(), Instant::now());
+                }
                 let (reply, answer) = oneshot::channel();
                 let unavailable = || {
                     MgmtReply::Refused(Refusal::Unavailable {
@@ -213,7 +237,7 @@ impl Manager {
         data_addr: SocketAddr,
         capacity: u64,
     ) -> Result<MgmtReply, Refusal> {
-        self.last_seen.insert(peer.name.clone(), Instant::now());
+        lock(&self.last_seen).insert(peer.name.clone(), Instant::now());
         let unchanged = self
             .state
             .servers
@@ -245,7 +269,7 @@ impl Manager {
                 name: name.clone(),
             });
         };
-        self.last_seen.insert(name.clone(), Instant::now());
+        lock(&self.last_seen).insert(name.clone(), Instant::now());
         if !server.up {
             info!(server = %name, "back: marking up");
             self.execute(Command::MarkServer {
@@ -266,7 +290,12 @@ impl Manager {
             {
                 Some(map) if map.epoch != *epoch => maps.push(map),
                 Some(_) => {}
-                None => dropped.push(*id),
+                // Only ids this map has handed out: a management server
+                // started on the wrong (say empty) state must not wipe servers.
+                None if id.0 < self.state.next_volume_id => dropped.push(*id),
+                None => {
+                    warn!(server = %name, volume = %id, "server holds a volume this map never assigned")
+                }
             }
         }
         for (volume, record) in &self.state.volumes {
@@ -325,14 +354,24 @@ impl Manager {
             // the layout back (another epoch), so nothing is lost.
             warn!(%refusal, "layout change refused by a storage server: reverting");
             for (name, volume) in &before.volumes {
-                if self.state.volumes.get(name) != Some(volume) {
+                let changed = self.state.volumes.get(name).is_some_and(|now| {
+                    (now.size, &now.partitions) != (volume.size, &volume.partitions)
+                });
+                if changed {
                     let revert = Command::SetLayout {
                         volume: name.clone(),
                         size: volume.size,
                         partitions: volume.partitions.clone(),
                     };
-                    if let Ok(outcome) = self.commit(&revert) {
-                        self.propagate(outcome).await;
+                    match self.commit(&revert) {
+                        Ok(outcome) => {
+                            if let Some(still) = self.propagate(outcome).await {
+                                tracing::error!(volume = %name, refusal = %still, "revert refused too");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(volume = %name, refusal = %e, "revert not committed")
+                        }
                     }
                 }
             }
@@ -347,6 +386,16 @@ impl Manager {
     async fn check_no_data_loss(&self, command: &Command) -> Result<(), Refusal> {
         let mut candidate = self.state.clone();
         let outcome = candidate.apply(command)?;
+        if let Command::SetPartition {
+            volume,
+            first_page,
+            end_page,
+            servers,
+        } = command
+        {
+            self.check_range_empty(volume, *first_page, *end_page, servers)
+                .await?;
+        }
         for name in outcome.changed.keys() {
             let (Some(old), Some(new)) =
                 (self.state.volumes.get(name), candidate.volumes.get(name))
@@ -392,6 +441,95 @@ impl Manager {
                             ),
                         });
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Until data can be copied, giving pages to other replicas (or another
+    /// primary) is only safe while no current holder has data in them: a new
+    /// replica would start empty. Ask every current holder of the range.
+    async fn check_range_empty(
+        &self,
+        name: &str,
+        first: u64,
+        end: u64,
+        servers: &[String],
+    ) -> Result<(), Refusal> {
+        let Some(map) = self.state.volume_map(name) else {
+            return Ok(());
+        };
+        let affected: Vec<_> = map
+            .partitions
+            .iter()
+            .filter(|p| p.first_page < end && first < p.end_page)
+            .collect();
+        let unchanged = affected.iter().all(|p| {
+            p.replicas
+                .iter()
+                .map(|r| r.server.as_str())
+                .eq(servers.iter().map(String::as_str))
+        });
+        if unchanged {
+            return Ok(());
+        }
+        // The current map with the range cut out: holders answer whether they have data there.
+        let mut probe = map.clone();
+        probe.partitions = map
+            .partitions
+            .iter()
+            .flat_map(|p| {
+                let mut kept = Vec::new();
+                if p.first_page < first {
+                    kept.push(tessera_net::proto::Partition {
+                        end_page: p.end_page.min(first),
+                        ..p.clone()
+                    });
+                }
+                if end < p.end_page {
+                    kept.push(tessera_net::proto::Partition {
+                        first_page: p.first_page.max(end),
+                        ..p.clone()
+                    });
+                }
+                if p.end_page <= first || end <= p.first_page {
+                    kept = vec![p.clone()];
+                }
+                kept
+            })
+            .collect();
+        let holders: BTreeSet<&str> = affected
+            .iter()
+            .flat_map(|p| p.replicas.iter().map(|r| r.server.as_str()))
+            .collect();
+        for server in holders {
+            let Some(record) = self.state.servers.get(server).filter(|s| s.up) else {
+                return Err(Refusal::WouldLoseData {
+                    detail: format!(
+                        "server {server} is down: cannot check that pages {first}..{end} of {name} hold no data"
+                    ),
+                });
+            };
+            let reply = tokio::time::timeout(self.push_timeout, async {
+                let conn = self.connector.get(record.data_addr, server).await?;
+                conn.mgmt(&MgmtRequest::CheckMap { map: probe.clone() })
+                    .await
+            })
+            .await;
+            match reply {
+                Ok(Ok(MgmtReply::Applied { .. })) => {}
+                Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
+                    return Err(Refusal::WouldLoseData {
+                        detail: format!(
+                            "server {server}: {detail}; new replicas of pages with data would start empty, and copying data is not supported yet"
+                        ),
+                    });
+                }
+                other => {
+                    return Err(Refusal::Unavailable {
+                        reason: format!("server {server} did not answer the data check: {other:?}"),
+                    });
                 }
             }
         }
@@ -536,8 +674,7 @@ impl Manager {
             .servers
             .iter()
             .filter(|(name, s)| {
-                s.up && self
-                    .last_seen
+                s.up && lock(&self.last_seen)
                     .get(*name)
                     .is_none_or(|t| now.duration_since(*t) > self.heartbeat_timeout)
             })

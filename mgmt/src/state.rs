@@ -232,6 +232,13 @@ impl ClusterState {
                     return Err(not_found("server", name));
                 }
                 let holding = self.volumes_on(name);
+                if !holding.is_empty() && self.servers.get(name).is_some_and(|s| s.up) {
+                    // It would go on serving its old layout: it must be down (stopped) first.
+                    return Err(invalid(format!(
+                        "server {name} is up and holds partitions of {}; stop it first (it is marked down after the heartbeat timeout)",
+                        holding.join(", ")
+                    )));
+                }
                 if !holding.is_empty() && !force {
                     return Err(invalid(format!(
                         "server {name} holds partitions of {}; move them first, or remove with --force to mark them lost",

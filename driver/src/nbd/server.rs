@@ -17,10 +17,31 @@ const MAX_IN_FLIGHT: usize = 128;
 const BLOCK: u64 = 4096;
 
 /// What is exported: one volume, under its name (the empty name works too).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Export {
     pub name: String,
     pub volume: Volume,
+    /// Unaligned writes read, merge and write whole blocks: they hold this
+    /// exclusively, aligned writes hold it shared, so that no merge can
+    /// overwrite a neighbour's acknowledged bytes. Shared by every connection.
+    merge: tokio::sync::RwLock<()>,
+    /// Payload bytes in memory across all connections, in blocks: taken
+    /// before a WRITE's payload is read or a READ's buffer allocated.
+    budget: Arc<Semaphore>,
+}
+
+/// Payload memory all NBD requests together may hold.
+const IO_BUDGET: usize = 256 << 20;
+
+impl Export {
+    pub fn new(name: String, volume: Volume) -> Self {
+        Export {
+            name,
+            volume,
+            merge: tokio::sync::RwLock::new(()),
+            budget: Arc::new(Semaphore::new(IO_BUDGET / BLOCK as usize)),
+        }
+    }
 }
 
 /// Why a connection ended other than by a clean disconnect.
@@ -215,6 +236,15 @@ where
         if request.command == Command::Disconnect {
             break Ok(());
         }
+        // Memory this request holds until its reply is sent (plus merge edges).
+        let blocks = if matches!(request.command, Command::Read | Command::Write) {
+            request.length.div_ceil(BLOCK as u32) + 2
+        } else {
+            0
+        };
+        let Ok(budget) = export.budget.clone().acquire_many_owned(blocks).await else {
+            break Ok(());
+        };
         let payload = if request.command == Command::Write {
             let mut data = vec![0u8; request.length as usize];
             if let Err(e) = reader.read_exact(&mut data).await {
@@ -229,9 +259,9 @@ where
         };
         let (export, replies) = (export.clone(), replies.clone());
         tokio::spawn(async move {
-            let reply = execute(&export.volume, request, payload).await;
+            let reply = execute(&export, request, payload).await;
             let _ = replies.send(reply).await;
-            drop(permit);
+            drop((permit, budget));
         });
     };
     // Let requests in flight finish and their replies go out.
@@ -254,7 +284,8 @@ fn errno(e: &DriverError, write: bool) -> u32 {
     }
 }
 
-async fn execute(volume: &Volume, request: Request, payload: Vec<u8>) -> Vec<u8> {
+async fn execute(export: &Export, request: Request, payload: Vec<u8>) -> Vec<u8> {
+    let volume = &export.volume;
     let fua = request.flags & CMD_FLAG_FUA != 0;
     let (offset, len) = (request.offset, u64::from(request.length));
     let outcome: Result<Vec<u8>, DriverError> = async {
@@ -271,7 +302,7 @@ async fn execute(volume: &Volume, request: Request, payload: Vec<u8>) -> Vec<u8>
         match request.command {
             Command::Read => read(volume, offset, len).await,
             Command::Write => {
-                write(volume, offset, &payload, fua).await?;
+                write(export, offset, &payload, fua).await?;
                 Ok(Vec::new())
             }
             Command::Flush => {
@@ -297,16 +328,16 @@ async fn execute(volume: &Volume, request: Request, payload: Vec<u8>) -> Vec<u8>
                 if start < end {
                     volume.write_zeroes(start, end - start).await?;
                     // Unaligned edges get explicit zeroes.
-                    write(volume, offset, &vec![0u8; (start - offset) as usize], false).await?;
+                    write(export, offset, &vec![0u8; (start - offset) as usize], false).await?;
                     write(
-                        volume,
+                        export,
                         end,
                         &vec![0u8; (offset + len - end) as usize],
                         false,
                     )
                     .await?;
                 } else {
-                    write(volume, offset, &vec![0u8; len as usize], false).await?;
+                    write(export, offset, &vec![0u8; len as usize], false).await?;
                 }
                 if fua {
                     volume.flush().await?;
@@ -344,19 +375,22 @@ async fn read(volume: &Volume, offset: u64, len: u64) -> Result<Vec<u8>, DriverE
 }
 
 /// Write `data` at `offset`; unaligned edges are read, merged and written whole.
-async fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool) -> Result<(), DriverError> {
+async fn write(export: &Export, offset: u64, data: &[u8], fua: bool) -> Result<(), DriverError> {
+    let volume = &export.volume;
     if data.is_empty() {
         return Ok(());
     }
     let end = offset + data.len() as u64;
     let (start, aligned_end) = (offset / BLOCK * BLOCK, end.next_multiple_of(BLOCK));
     if start == offset && aligned_end == end {
+        let _shared = export.merge.read().await;
         return if fua {
             volume.write_at_fua(offset, data).await
         } else {
             volume.write_at(offset, data).await
         };
     }
+    let _exclusive = export.merge.write().await;
     let mut merged = read(volume, start, aligned_end - start).await?;
     merged[(offset - start) as usize..][..data.len()].copy_from_slice(data);
     if fua {

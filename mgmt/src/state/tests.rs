@@ -296,6 +296,19 @@ fn shrink_truncates_partitions() {
 fn remove_server_with_force_drops_its_replicas() {
     let mut s = three_servers();
     s.apply(&create("db", 9 * MIB, 2)).unwrap();
+    let remove = Command::RemoveServer {
+        name: "s2".into(),
+        force: true,
+    };
+    assert!(
+        s.apply(&remove).is_err(),
+        "a server that is up would go on serving: refused"
+    );
+    s.apply(&Command::MarkServer {
+        name: "s2".into(),
+        up: false,
+    })
+    .unwrap();
     let out = s
         .apply(&Command::RemoveServer {
             name: "s2".into(),
