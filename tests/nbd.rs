@@ -207,3 +207,91 @@ async fn qemu_img_convert_into_the_export_and_back() {
         "{info}"
     );
 }
+
+/// The protocol by hand: fixed-newstyle handshake, then refusals that keep
+/// the connection usable, and an unaligned write served by read-modify-write.
+#[tokio::test]
+async fn raw_protocol_refusals_and_unaligned_io() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = nbd_cluster().await;
+    let socket = c.cluster.path("nbd.sock");
+    let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).await.unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    assert_eq!(&hello[8..16], b"IHAVEOPT");
+    s.write_all(&3u32.to_be_bytes()).await.unwrap(); // fixed newstyle, no zeroes
+    // NBD_OPT_EXPORT_NAME "db": size and flags follow, no padding.
+    s.write_all(b"IHAVEOPT").await.unwrap();
+    s.write_all(&1u32.to_be_bytes()).await.unwrap();
+    s.write_all(&2u32.to_be_bytes()).await.unwrap();
+    s.write_all(b"db").await.unwrap();
+    let size = s.read_u64().await.unwrap();
+    let _flags = s.read_u16().await.unwrap();
+    assert_eq!(size, VOLUME_MIB * MIB);
+
+    async fn request(
+        s: &mut tokio::net::UnixStream,
+        kind: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> (u32, Vec<u8>) {
+        let mut h = Vec::new();
+        h.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&cookie.to_be_bytes());
+        h.extend_from_slice(&offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(payload);
+        s.write_all(&h).await.unwrap();
+        let mut reply = [0u8; 16];
+        s.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes());
+        assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), cookie);
+        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+        let mut data = vec![
+            0u8;
+            if kind == 0 && error == 0 {
+                len as usize
+            } else {
+                0
+            }
+        ];
+        s.read_exact(&mut data).await.unwrap();
+        (error, data)
+    }
+    assert_eq!(
+        request(&mut s, 99, 1, 0, 0, &[]).await.0,
+        95,
+        "unknown command: ENOTSUP"
+    );
+    assert_eq!(
+        request(&mut s, 0, 2, 0, u32::MAX, &[]).await.0,
+        22,
+        "oversized read: EINVAL"
+    );
+    assert_eq!(
+        request(&mut s, 0, 3, VOLUME_MIB * MIB, 4096, &[]).await.0,
+        22,
+        "past the end: EINVAL"
+    );
+    // 700 bytes at offset 1000: read-modify-write of one block.
+    let data = pattern(5, 700);
+    assert_eq!(request(&mut s, 1, 4, 1000, 700, &data).await.0, 0);
+    let (error, back) = request(&mut s, 0, 5, 0, 4096, &[]).await;
+    assert_eq!(error, 0);
+    assert!(back[..1000].iter().all(|b| *b == 0));
+    assert_eq!(&back[1000..1700], &data[..]);
+    assert!(back[1700..].iter().all(|b| *b == 0));
+    // NBD_CMD_DISC: the server closes after in-flight requests.
+    let mut disc = Vec::new();
+    disc.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    disc.extend_from_slice(&[0, 0, 0, 2]);
+    disc.extend_from_slice(&[0u8; 20]);
+    s.write_all(&disc).await.unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).await.unwrap(), 0);
+}

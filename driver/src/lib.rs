@@ -36,6 +36,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 pub use error::DriverError;
 use futures_util::future::try_join_all;
+use futures_util::{StreamExt, TryStreamExt};
 use tessera_net::proto::{
     BLOCK_SIZE, Epoch, FLAG_FUA, MgmtReply, MgmtRequest, Opcode, Refusal, Request, Role, Status,
     VolumeMap,
@@ -47,6 +48,10 @@ use tracing::{debug, warn};
 const MAX_ATTEMPTS: u32 = 12;
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// One request (or map fetch) that takes longer is given up and retried.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pieces of one call in flight at once (a huge TRIM is many pieces).
+const MAX_PIECES_IN_FLIGHT: usize = 64;
 
 /// A management server: where it listens and the name on its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,12 +122,20 @@ impl Client {
     }
 
     async fn fetch_map(&self, name: &str) -> Result<VolumeMap, DriverError> {
-        match self
-            .call_mgmt(&MgmtRequest::GetMap {
-                volume: name.to_string(),
-            })
+        let request = MgmtRequest::GetMap {
+            volume: name.to_string(),
+        };
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, self.call_mgmt(&request))
             .await
-        {
+            .unwrap_or_else(|_| {
+                Err(DriverError::NoManagement {
+                    reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
+                })
+            });
+        match reply {
+            Ok(MgmtReply::Map(map)) if map.page_size == 0 => Err(DriverError::NoManagement {
+                reason: "the map has page size 0".into(),
+            }),
             Ok(MgmtReply::Map(map)) => Ok(map),
             Ok(other) => Err(DriverError::NoManagement {
                 reason: format!("unexpected reply {other:?}"),
@@ -252,7 +265,10 @@ impl Volume {
 
     async fn ranged(&self, opcode: Opcode, offset: u64, len: u64) -> Result<(), DriverError> {
         let pieces = self.split(opcode, offset, len, false)?;
-        try_join_all(pieces.into_iter().map(|p| self.inner.run(p, &[]))).await?;
+        futures_util::stream::iter(pieces.into_iter().map(|p| self.inner.run(p, &[])))
+            .buffer_unordered(MAX_PIECES_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
         Ok(())
     }
 
@@ -362,11 +378,20 @@ impl VolumeInner {
                 request.offset = 0;
                 request.length = 0;
             }
-            let sent = async {
+            let sent = tokio::time::timeout(REQUEST_TIMEOUT, async {
                 let conn = self.client.data.get(primary.addr, &primary.server).await?;
                 conn.data(&request, payload).await
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(QuicError::Socket {
+                    action: "request",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {REQUEST_TIMEOUT:?}"),
+                    ),
+                })
+            });
             let (reply, data) = match sent {
                 Ok(answer) => answer,
                 Err(e) => {

@@ -230,6 +230,26 @@ where
         }
         let request = match parse_request(&header) {
             Ok(r) => r,
+            // A command we do not know, or a READ over the limit, carries no
+            // payload: refuse it and go on.
+            Err(e @ (NbdError::UnknownCommand { .. } | NbdError::RequestTooLarge { .. }))
+                if u16::from_be_bytes([header[6], header[7]]) != 1 =>
+            {
+                let cookie = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
+                let error = if matches!(e, NbdError::UnknownCommand { .. }) {
+                    ENOTSUP
+                } else {
+                    EINVAL
+                };
+                if replies
+                    .send(simple_reply(error, cookie).to_vec())
+                    .await
+                    .is_err()
+                {
+                    break Ok(());
+                }
+                continue;
+            }
             // Out of sync with the client: nothing sensible can follow.
             Err(e) => break Err(e.into()),
         };
