@@ -3,55 +3,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_driver::{BlockingVolume, Client, DriverError, MgmtServer};
-use tessera_net::proto::{AdminCommand, ClusterStatus, MgmtReply, MgmtRequest, Refusal, Role};
-
-async fn admin(mgmt: &MgmtProc, cluster: &TestCluster, command: AdminCommand) -> MgmtReply {
-    mgmt.connect(cluster, Role::Admin, "admin")
-        .await
-        .mgmt(&MgmtRequest::Admin(command))
-        .await
-        .unwrap()
-}
-
-async fn status(mgmt: &MgmtProc, cluster: &TestCluster) -> ClusterStatus {
-    match mgmt
-        .connect(cluster, Role::Admin, "admin")
-        .await
-        .mgmt(&MgmtRequest::Status)
-        .await
-        .unwrap()
-    {
-        MgmtReply::Status(s) => s,
-        other => panic!("{other:?}"),
-    }
-}
+use tessera_net::proto::{AdminCommand, MgmtReply, Refusal, Role};
 
 async fn cluster_with_volume(mib: u64) -> (TestCluster, MgmtProc, Vec<StorageProc>) {
-    let cluster = TestCluster::new();
-    let mgmt = MgmtProc::start(&cluster, 5_000);
-    let addr = mgmt.addr.to_string();
-    let servers: Vec<_> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|name| StorageProc::start(&cluster, name, "64M", &["--mgmt", &addr]))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&mgmt, &cluster)
-        .await
-        .servers
-        .iter()
-        .filter(|s| s.up)
-        .count()
-        < 3
-    {
-        assert!(Instant::now() < deadline, "servers did not register");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (cluster, mgmt, servers) = three_servers(5_000, "64M").await;
     let create = AdminCommand::CreateVolume {
         name: "db".into(),
         size: mib * MIB,

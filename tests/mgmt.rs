@@ -8,31 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tessera_net::proto::{
-    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, Opcode, Refusal, Role, Status,
-    VolumeMap,
+    AdminCommand, Epoch, MgmtReply, MgmtRequest, Opcode, Refusal, Role, Status, VolumeMap,
 };
 use tessera_net::quic::{Alpn, Endpoint, PeerConnection};
-
-async fn admin(mgmt: &MgmtProc, cluster: &TestCluster, command: AdminCommand) -> MgmtReply {
-    mgmt.connect(cluster, Role::Admin, "admin")
-        .await
-        .mgmt(&MgmtRequest::Admin(command))
-        .await
-        .unwrap()
-}
-
-async fn status(mgmt: &MgmtProc, cluster: &TestCluster) -> ClusterStatus {
-    match mgmt
-        .connect(cluster, Role::Admin, "admin")
-        .await
-        .mgmt(&MgmtRequest::Status)
-        .await
-        .unwrap()
-    {
-        MgmtReply::Status(s) => s,
-        other => panic!("{other:?}"),
-    }
-}
 
 async fn get_map(mgmt: &MgmtProc, cluster: &TestCluster, volume: &str) -> VolumeMap {
     let conn = mgmt.connect(cluster, Role::Client, "app").await;
@@ -49,42 +27,6 @@ async fn get_map(mgmt: &MgmtProc, cluster: &TestCluster, volume: &str) -> Volume
 }
 
 /// Wait (up to 30 s) until `check` holds for the cluster status.
-async fn wait_status(
-    mgmt: &MgmtProc,
-    cluster: &TestCluster,
-    what: &str,
-    check: impl Fn(&ClusterStatus) -> bool,
-) -> ClusterStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = status(mgmt, cluster).await;
-        if check(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:#?}\n{}",
-            mgmt.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn three_servers(heartbeat_timeout_ms: u64) -> (TestCluster, MgmtProc, Vec<StorageProc>) {
-    let cluster = TestCluster::new();
-    let mgmt = MgmtProc::start(&cluster, heartbeat_timeout_ms);
-    let addr = mgmt.addr.to_string();
-    let servers: Vec<_> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|name| StorageProc::start(&cluster, name, "64M", &["--mgmt", &addr]))
-        .collect();
-    wait_status(&mgmt, &cluster, "3 servers up", |s| {
-        s.servers.iter().filter(|s| s.up).count() == 3
-    })
-    .await;
-    (cluster, mgmt, servers)
-}
-
 fn create(name: &str, mib: u64, replicas: u8, servers: Option<&[&str]>) -> AdminCommand {
     AdminCommand::CreateVolume {
         name: name.into(),
@@ -111,7 +53,7 @@ async fn primary(client: &Endpoint, map: &VolumeMap, page: u64) -> PeerConnectio
 
 #[tokio::test]
 async fn layout_change_refuses_old_epoch_everywhere_and_keeps_data() {
-    let (cluster, mgmt, _servers) = three_servers(5_000).await;
+    let (cluster, mgmt, _servers) = three_servers(5_000, "64M").await;
     let MgmtReply::Applied { epoch: other_epoch } =
         admin(&mgmt, &cluster, create("other", 4, 1, Some(&["s1"]))).await
     else {
@@ -226,7 +168,7 @@ async fn layout_change_refuses_old_epoch_everywhere_and_keeps_data() {
 
 #[tokio::test]
 async fn roles_are_enforced() {
-    let (cluster, mgmt, _servers) = three_servers(5_000).await;
+    let (cluster, mgmt, _servers) = three_servers(5_000, "64M").await;
     admin(&mgmt, &cluster, create("db", 8, 1, None)).await;
     let client = mgmt.connect(&cluster, Role::Client, "app").await;
     assert!(matches!(
@@ -317,7 +259,7 @@ async fn roles_are_enforced() {
 
 #[tokio::test]
 async fn silent_server_is_marked_down_and_catches_up_when_back() {
-    let (cluster, mgmt, mut servers) = three_servers(1_000).await;
+    let (cluster, mgmt, mut servers) = three_servers(1_000, "64M").await;
     admin(&mgmt, &cluster, create("on-s3", 8, 1, Some(&["s3"]))).await;
     admin(&mgmt, &cluster, create("on-s1", 8, 1, Some(&["s1"]))).await;
     let (before_s3, before_s1) = (
@@ -434,7 +376,7 @@ async fn sigkill_of_mgmt_loses_no_acknowledged_change() {
 
 #[tokio::test]
 async fn cli_admin_commands() {
-    let (cluster, mgmt, _servers) = three_servers(5_000).await;
+    let (cluster, mgmt, _servers) = three_servers(5_000, "64M").await;
     cluster.issue(Role::Admin, "admin");
     let run = |args: &[&str]| {
         let out = tessera()
@@ -482,7 +424,7 @@ async fn cli_admin_commands() {
 
 #[tokio::test]
 async fn partition_changes_and_shrinks_never_drop_written_data() {
-    let (cluster, mgmt, servers) = three_servers(5_000).await;
+    let (cluster, mgmt, servers) = three_servers(5_000, "64M").await;
     admin(&mgmt, &cluster, create("db", 30, 1, None)).await; // s1 0..10, s2 10..20, s3 20..30
     let client = cluster.endpoint(Role::Client, "app");
     let map = get_map(&mgmt, &cluster, "db").await;

@@ -7,10 +7,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
 
 use common::*;
-use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Role};
+use tessera_net::proto::{AdminCommand, MgmtReply, Role};
 
 const VOLUME_MIB: u64 = 96;
 
@@ -44,25 +43,8 @@ fn have(tool: &str) -> bool {
 }
 
 async fn nbd_cluster() -> NbdCluster {
-    let cluster = TestCluster::new();
-    let mgmt = MgmtProc::start(&cluster, 5_000);
+    let (cluster, mgmt, servers) = three_servers(5_000, "128M").await;
     let addr = mgmt.addr.to_string();
-    let servers: Vec<_> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|name| StorageProc::start(&cluster, name, "128M", &["--mgmt", &addr]))
-        .collect();
-    let admin = mgmt.connect(&cluster, Role::Admin, "admin").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let MgmtReply::Status(s) = admin.mgmt(&MgmtRequest::Status).await.unwrap() else {
-            panic!()
-        };
-        if s.servers.iter().filter(|s| s.up).count() == 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "servers did not register");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let create = AdminCommand::CreateVolume {
         name: "db".into(),
         size: VOLUME_MIB * MIB,
@@ -71,7 +53,7 @@ async fn nbd_cluster() -> NbdCluster {
         servers: None,
     };
     assert!(matches!(
-        admin.mgmt(&MgmtRequest::Admin(create)).await.unwrap(),
+        admin(&mgmt, &cluster, create).await,
         MgmtReply::Applied { .. }
     ));
     cluster.issue(Role::Client, "app");

@@ -420,28 +420,13 @@ impl Manager {
                         ),
                     });
                 }
-                let reply = tokio::time::timeout(self.push_timeout, async {
-                    let conn = self.connector.get(record.data_addr, &server).await?;
-                    conn.mgmt(&MgmtRequest::CheckMap { map: map.clone() }).await
-                })
-                .await;
-                match reply {
-                    Ok(Ok(MgmtReply::Applied { .. })) => {}
-                    Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
-                        return Err(Refusal::WouldLoseData {
-                            detail: format!(
-                                "server {server}: {detail}; moving data is not supported yet"
-                            ),
-                        });
-                    }
-                    other => {
-                        return Err(Refusal::Unavailable {
-                            reason: format!(
-                                "server {server} did not answer the data check: {other:?}"
-                            ),
-                        });
-                    }
-                }
+                self.ask_check_map(
+                    &server,
+                    record.data_addr,
+                    &map,
+                    "moving data is not supported yet",
+                )
+                .await?;
             }
         }
         Ok(())
@@ -511,29 +496,42 @@ impl Manager {
                     ),
                 });
             };
-            let reply = tokio::time::timeout(self.push_timeout, async {
-                let conn = self.connector.get(record.data_addr, server).await?;
-                conn.mgmt(&MgmtRequest::CheckMap { map: probe.clone() })
-                    .await
-            })
-            .await;
-            match reply {
-                Ok(Ok(MgmtReply::Applied { .. })) => {}
-                Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
-                    return Err(Refusal::WouldLoseData {
-                        detail: format!(
-                            "server {server}: {detail}; new replicas of pages with data would start empty, and copying data is not supported yet"
-                        ),
-                    });
-                }
-                other => {
-                    return Err(Refusal::Unavailable {
-                        reason: format!("server {server} did not answer the data check: {other:?}"),
-                    });
-                }
-            }
+            self.ask_check_map(
+                server,
+                record.data_addr,
+                &probe,
+                "new replicas of pages with data would start empty, and copying data is not supported yet",
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Ask `server` whether it could take `map` without dropping data; a
+    /// server with data there refuses with `WouldLoseData` (plus `why`).
+    async fn ask_check_map(
+        &self,
+        server: &str,
+        addr: SocketAddr,
+        map: &VolumeMap,
+        why: &str,
+    ) -> Result<(), Refusal> {
+        let reply = tokio::time::timeout(self.push_timeout, async {
+            let conn = self.connector.get(addr, server).await?;
+            conn.mgmt(&MgmtRequest::CheckMap { map: map.clone() }).await
+        })
+        .await;
+        match reply {
+            Ok(Ok(MgmtReply::Applied { .. })) => Ok(()),
+            Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
+                Err(Refusal::WouldLoseData {
+                    detail: format!("server {server}: {detail}; {why}"),
+                })
+            }
+            other => Err(Refusal::Unavailable {
+                reason: format!("server {server} did not answer the data check: {other:?}"),
+            }),
+        }
     }
 
     /// Push `outcome` and mark down every server that does not acknowledge,

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_net::proto::{
-    Epoch, MgmtReply, MgmtRequest, MirrorState, Opcode, Partition, Replica, Reply, Request, Role,
-    VolumeId, VolumeMap,
+    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, MirrorState, Opcode, Partition,
+    Replica, Reply, Request, Role, VolumeId, VolumeMap,
 };
 use tessera_net::quic::certs::ClusterCa;
 use tessera_net::quic::{Alpn, Endpoint, PeerConnection, TlsIdentity, TransportTuning};
@@ -351,4 +351,65 @@ pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
 
 pub fn file_digest(path: &Path) -> u32 {
     crc32c::crc32c(&std::fs::read(path).unwrap())
+}
+
+/// Admin requests, status polling, and a cluster of one management and three storage servers.
+pub async fn admin(mgmt: &MgmtProc, cluster: &TestCluster, command: AdminCommand) -> MgmtReply {
+    mgmt.connect(cluster, Role::Admin, "admin")
+        .await
+        .mgmt(&MgmtRequest::Admin(command))
+        .await
+        .unwrap()
+}
+
+pub async fn status(mgmt: &MgmtProc, cluster: &TestCluster) -> ClusterStatus {
+    match mgmt
+        .connect(cluster, Role::Admin, "admin")
+        .await
+        .mgmt(&MgmtRequest::Status)
+        .await
+        .unwrap()
+    {
+        MgmtReply::Status(s) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+pub async fn wait_status(
+    mgmt: &MgmtProc,
+    cluster: &TestCluster,
+    what: &str,
+    check: impl Fn(&ClusterStatus) -> bool,
+) -> ClusterStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(mgmt, cluster).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}\n{}",
+            mgmt.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn three_servers(
+    heartbeat_timeout_ms: u64,
+    disk: &str,
+) -> (TestCluster, MgmtProc, Vec<StorageProc>) {
+    let cluster = TestCluster::new();
+    let mgmt = MgmtProc::start(&cluster, heartbeat_timeout_ms);
+    let addr = mgmt.addr.to_string();
+    let servers: Vec<_> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|name| StorageProc::start(&cluster, name, disk, &["--mgmt", &addr]))
+        .collect();
+    wait_status(&mgmt, &cluster, "3 servers up", |s| {
+        s.servers.iter().filter(|s| s.up).count() == 3
+    })
+    .await;
+    (cluster, mgmt, servers)
 }
