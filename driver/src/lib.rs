@@ -451,10 +451,11 @@ impl VolumeInner {
         }
         match self.client.fetch_map(&self.name).await {
             Ok(map) => {
-                if map.epoch > seen {
+                // Never go back to an older map (a lagging management server).
+                if map.epoch > self.map.load().epoch {
                     self.refreshes.fetch_add(1, Ordering::Relaxed);
+                    self.map.store(Arc::new(map));
                 }
-                self.map.store(Arc::new(map));
                 Ok(())
             }
             // The management server may be restarting: keep the map and retry later.

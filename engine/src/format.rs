@@ -280,8 +280,10 @@ pub enum MetaCopy<'a> {
     Damaged,
 }
 
-/// Decode one copy of the logical metadata block whose copy A is block `home`.
-pub fn decode_meta(block: &[u8], home: u64) -> MetaCopy<'_> {
+/// Decode copy `copy` (0 = A, 1 = B) of the logical metadata block whose
+/// copy A is block `home`. A copy whose sequence number belongs to the other
+/// position was misdirected: the next write would overwrite the newest state.
+pub fn decode_meta(block: &[u8], home: u64, copy: u64) -> MetaCopy<'_> {
     if block.len() != BLOCK_USIZE {
         return MetaCopy::Damaged;
     }
@@ -291,7 +293,11 @@ pub fn decode_meta(block: &[u8], home: u64) -> MetaCopy<'_> {
     let word =
         |at: usize| u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
     let dword = |at: usize| u64::from(word(at)) | (u64::from(word(at + 4)) << 32);
-    if word(0) != META_MAGIC || word(4) != crc32c::crc32c(&block[8..]) || dword(16) != home {
+    if word(0) != META_MAGIC
+        || word(4) != crc32c::crc32c(&block[8..])
+        || dword(16) != home
+        || copy_for(dword(8)) != copy
+    {
         return MetaCopy::Damaged;
     }
     MetaCopy::Valid {
@@ -512,16 +518,25 @@ mod tests {
     fn meta_block_round_trips_and_detects_damage() {
         let mut block = vec![0u8; 4096];
         encode_meta(5, 42, b"hello", &mut block);
-        let MetaCopy::Valid { seq: 5, payload } = decode_meta(&block, 42) else {
+        let MetaCopy::Valid { seq: 5, payload } = decode_meta(&block, 42, 1) else {
             panic!("block did not decode");
         };
         assert_eq!(&payload[..5], b"hello");
-        assert_eq!(decode_meta(&block, 44), MetaCopy::Damaged, "misplaced copy");
+        assert_eq!(
+            decode_meta(&block, 44, 1),
+            MetaCopy::Damaged,
+            "misplaced copy"
+        );
+        assert_eq!(
+            decode_meta(&block, 42, 0),
+            MetaCopy::Damaged,
+            "sequence 5 belongs in copy B"
+        );
         // A torn write: the second half holds other bytes than the checksum covers.
         let mut torn = block.clone();
         torn[3000..].fill(0xee);
-        assert_eq!(decode_meta(&torn, 42), MetaCopy::Damaged);
-        assert_eq!(decode_meta(&[0u8; 4096], 42), MetaCopy::Blank);
+        assert_eq!(decode_meta(&torn, 42, 1), MetaCopy::Damaged);
+        assert_eq!(decode_meta(&[0u8; 4096], 42, 0), MetaCopy::Blank);
     }
 
     #[test]
@@ -574,7 +589,7 @@ mod tests {
         #[test]
         fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4200), home in any::<u64>()) {
             let _ = Superblock::decode(&bytes);
-            let _ = decode_meta(&bytes, home);
+            let _ = decode_meta(&bytes, home, home % 2);
             let _ = VolumeRecord::decode(&bytes);
             let _ = decode_slot_entries(&bytes, 254);
         }

@@ -883,8 +883,8 @@ fn choose_copy(area: &[u8], index: u64, home: u64) -> Result<(u64, &[u8]), Engin
             .unwrap_or(&[])
     };
     format::choose(
-        format::decode_meta(block(0), home),
-        format::decode_meta(block(1), home),
+        format::decode_meta(block(0), home, 0),
+        format::decode_meta(block(1), home, 1),
     )
     .ok_or(EngineError::MetadataDamaged { block: home })
 }

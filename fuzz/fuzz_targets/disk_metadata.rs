@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         let again = sb.encode().expect("a decoded superblock encodes");
         assert_eq!(Superblock::decode(&again), Ok(sb));
     }
-    if let MetaCopy::Valid { seq, payload } = decode_meta(data, 2) {
+    if let MetaCopy::Valid { seq, payload } = decode_meta(data, 2, 1) {
         let mut again = vec![0u8; 4096];
         encode_meta(seq, 2, payload, &mut again);
         assert_eq!(&again[..], data);

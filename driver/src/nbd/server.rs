@@ -130,6 +130,15 @@ where
                 writer.flush().await?;
                 return Ok(false);
             }
+            OPT_LIST if !data.is_empty() => {
+                writer
+                    .write_all(&option_reply(
+                        OPT_LIST,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_LIST takes no data",
+                    ))
+                    .await?;
+            }
             OPT_LIST => {
                 let mut entry = (export.name.len() as u32).to_be_bytes().to_vec();
                 entry.extend_from_slice(export.name.as_bytes());
