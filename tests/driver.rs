@@ -13,13 +13,7 @@ use tessera_net::proto::{AdminCommand, MgmtReply, Refusal, Role};
 
 async fn cluster_with_volume(mib: u64) -> (TestCluster, MgmtProc, Vec<StorageProc>) {
     let (cluster, mgmt, servers) = three_servers(5_000, "64M").await;
-    let create = AdminCommand::CreateVolume {
-        name: "db".into(),
-        size: mib * MIB,
-        page_size: MIB as u32,
-        replicas: 1,
-        servers: None,
-    };
+    let create = create("db", mib, 1, None);
     assert!(matches!(
         admin(&mgmt, &cluster, create).await,
         MgmtReply::Applied { .. }

@@ -26,17 +26,6 @@ async fn get_map(mgmt: &MgmtProc, cluster: &TestCluster, volume: &str) -> Volume
     }
 }
 
-/// Wait (up to 30 s) until `check` holds for the cluster status.
-fn create(name: &str, mib: u64, replicas: u8, servers: Option<&[&str]>) -> AdminCommand {
-    AdminCommand::CreateVolume {
-        name: name.into(),
-        size: mib * MIB,
-        page_size: MIB as u32,
-        replicas,
-        servers: servers.map(|s| s.iter().map(|n| n.to_string()).collect()),
-    }
-}
-
 /// A data connection to the primary of the partition holding `page`.
 async fn primary(client: &Endpoint, map: &VolumeMap, page: u64) -> PeerConnection {
     let p = map

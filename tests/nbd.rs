@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 
 use common::*;
-use tessera_net::proto::{AdminCommand, MgmtReply, Role};
+use tessera_net::proto::{MgmtReply, Role};
 
 const VOLUME_MIB: u64 = 96;
 
@@ -45,13 +45,7 @@ fn have(tool: &str) -> bool {
 async fn nbd_cluster() -> NbdCluster {
     let (cluster, mgmt, servers) = three_servers(5_000, "128M").await;
     let addr = mgmt.addr.to_string();
-    let create = AdminCommand::CreateVolume {
-        name: "db".into(),
-        size: VOLUME_MIB * MIB,
-        page_size: MIB as u32,
-        replicas: 1,
-        servers: None,
-    };
+    let create = create("db", VOLUME_MIB, 1, None);
     assert!(matches!(
         admin(&mgmt, &cluster, create).await,
         MgmtReply::Applied { .. }

@@ -375,6 +375,7 @@ pub async fn status(mgmt: &MgmtProc, cluster: &TestCluster) -> ClusterStatus {
     }
 }
 
+/// Wait (up to 30 s) until `check` holds for the cluster status.
 pub async fn wait_status(
     mgmt: &MgmtProc,
     cluster: &TestCluster,
@@ -412,4 +413,15 @@ pub async fn three_servers(
     })
     .await;
     (cluster, mgmt, servers)
+}
+
+/// A CreateVolume command with 1 MiB pages.
+pub fn create(name: &str, mib: u64, replicas: u8, servers: Option<&[&str]>) -> AdminCommand {
+    AdminCommand::CreateVolume {
+        name: name.into(),
+        size: mib * MIB,
+        page_size: MIB as u32,
+        replicas,
+        servers: servers.map(|s| s.iter().map(|n| n.to_string()).collect()),
+    }
 }
