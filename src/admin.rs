@@ -117,26 +117,14 @@ fn parse_pages(text: &str) -> Result<(u64, u64), String> {
     Ok((a, b))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
-}
-
 impl Connection {
     fn call(&self, request: MgmtRequest) -> anyhow::Result<MgmtReply> {
         let tls = TlsPaths::in_dir(&self.cluster_dir, &self.admin);
         let identity = tls.load().context(
             "cannot load the admin certificate (set --cluster-dir and --admin, or TESSERA_CLUSTER_DIR)",
         )?;
-        runtime()?.block_on(async {
-            let local: SocketAddr = if self.mgmt.is_ipv4() {
-                "0.0.0.0:0".parse()?
-            } else {
-                "[::]:0".parse()?
-            };
-            let endpoint = Endpoint::bind(local, &identity, &TransportTuning::default(), &[])?;
+        crate::runtime::current_thread()?.block_on(async {
+            let endpoint = Endpoint::client(self.mgmt, &identity, &TransportTuning::default())?;
             let conn = endpoint
                 .connect(self.mgmt, &self.mgmt_name, Alpn::Mgmt, Role::Mgmt)
                 .await

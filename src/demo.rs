@@ -17,7 +17,7 @@ use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
 use tessera_net::quic::{Alpn, Endpoint, TlsIdentity, TransportTuning};
 use tessera_net::units::ByteSize;
 
-use crate::storage::shutdown_signal;
+use crate::runtime::shutdown_signal;
 
 const STORAGE: [&str; 3] = ["store-1", "store-2", "store-3"];
 const VOLUME: &str = "demo";
@@ -190,11 +190,7 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
         );
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime = crate::runtime::multi_thread()?;
     let result = runtime.block_on(demo(&command, dir, mgmt.parse()?));
     drop(children);
     match &result {
@@ -207,12 +203,7 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
 
 async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> anyhow::Result<()> {
     let admin_id = TlsIdentity::load_dir(dir, "admin")?;
-    let endpoint = Endpoint::bind(
-        "127.0.0.1:0".parse()?,
-        &admin_id,
-        &TransportTuning::default(),
-        &[],
-    )?;
+    let endpoint = Endpoint::client(mgmt, &admin_id, &TransportTuning::default())?;
     let admin = endpoint
         .connect(mgmt, "mgmt", Alpn::Mgmt, Role::Mgmt)
         .await?;

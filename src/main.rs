@@ -13,6 +13,7 @@ mod admin;
 mod demo;
 mod mgmt_cmd;
 mod nbd_cmd;
+mod runtime;
 mod storage;
 mod tls;
 

@@ -8,7 +8,7 @@ use clap::Args;
 use tessera_mgmt::server::{self, MgmtConfig};
 use tessera_net::proto::Role;
 
-use crate::storage::shutdown_signal;
+use crate::runtime::shutdown_signal;
 use crate::tls::TlsArgs;
 
 /// Run the management server: `tessera mgmt --state DIR --listen ADDR ...`.
@@ -53,10 +53,7 @@ pub fn run(command: MgmtCommand) -> anyhow::Result<()> {
             identity.me().role
         );
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime = crate::runtime::current_thread()?;
     runtime.block_on(server::run(config, identity, async {
         if let Err(e) = shutdown_signal().await {
             tracing::error!(error = %e, "no signal handling");

@@ -10,7 +10,7 @@ use tessera_driver::{Client, MgmtServer};
 use tessera_net::proto::Role;
 use tessera_net::quic::TlsPaths;
 
-use crate::storage::shutdown_signal;
+use crate::runtime::shutdown_signal;
 use crate::tls::TlsArgs;
 
 /// Serve a volume over NBD (to qemu, nbdcopy, nbdinfo, fio, nbd-client).
@@ -43,11 +43,7 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
             identity.me().role
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime = crate::runtime::multi_thread()?;
     runtime.block_on(async {
         let mgmt = [MgmtServer {
             addr: command.mgmt,

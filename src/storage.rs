@@ -168,22 +168,10 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
             };
             tokio_uring::spawn(report_loop(service.clone(), endpoint.clone(), target));
         }
-        shutdown_signal().await?;
+        crate::runtime::shutdown_signal().await?;
         info!("shutting down");
         endpoint.close();
         service.store.flush().await?;
         Ok(())
     })
-}
-
-/// Wait for SIGINT or SIGTERM.
-pub async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

@@ -74,12 +74,7 @@ impl Client {
         let first = mgmt.first().ok_or_else(|| DriverError::NoManagement {
             reason: "no management server given".into(),
         })?;
-        let local: SocketAddr = if first.addr.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
-        };
-        let endpoint = Endpoint::bind(local, identity, &TransportTuning::default(), &[])?;
+        let endpoint = Endpoint::client(first.addr, identity, &TransportTuning::default())?;
         let client = Client {
             mgmt: mgmt.into(),
             mgmt_conns: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Mgmt),

@@ -373,8 +373,6 @@ impl<D: BlockDevice> Store<D> {
         index: u64,
         record: &VolumeRecord,
     ) -> Result<(), EngineError> {
-        let block = &self.volume_blocks[index as usize];
-        let _lock = block.lock.lock().await;
         let payload = record
             .encode()
             .map_err(|count| EngineError::TooManyRanges {
@@ -382,8 +380,15 @@ impl<D: BlockDevice> Store<D> {
                 count,
                 max: format::MAX_RANGES,
             })?;
+        self.write_volume_block(index, &payload).await
+    }
+
+    /// Persist the volume-table block `index` (an empty payload is an empty record).
+    async fn write_volume_block(&self, index: u64, payload: &[u8]) -> Result<(), EngineError> {
+        let block = &self.volume_blocks[index as usize];
+        let _lock = block.lock.lock().await;
         let home = Geometry::copy_a(self.superblock.geometry.volume_table, index);
-        self.write_meta(block, home, &payload).await
+        self.write_meta(block, home, payload).await
     }
 
     /// Set one slot-table entry durably.
@@ -555,13 +560,7 @@ impl<D: BlockDevice> Store<D> {
             }
             self.chunks.borrow_mut().remove(&key);
         }
-        let block = &self.volume_blocks[volume.record_index as usize];
-        {
-            let _lock = block.lock.lock().await;
-            let home = Geometry::copy_a(self.superblock.geometry.volume_table, volume.record_index);
-            // An all-zero record is an empty one.
-            self.write_meta(block, home, &[]).await?;
-        }
+        self.write_volume_block(volume.record_index, &[]).await?;
         self.volumes.borrow_mut().remove(&id);
         self.free_records.borrow_mut().insert(volume.record_index);
         info!(volume = %id, "volume dropped");

@@ -61,6 +61,21 @@ impl Endpoint {
         })
     }
 
+    /// A dial-only endpoint on an ephemeral port of the address family that
+    /// reaches `peer` (clients and admin tools).
+    pub fn client(
+        peer: SocketAddr,
+        identity: &TlsIdentity,
+        tuning: &TransportTuning,
+    ) -> Result<Self, QuicError> {
+        let local = if peer.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        Self::bind(local, identity, tuning, &[])
+    }
+
     pub fn local_addr(&self) -> Result<SocketAddr, QuicError> {
         self.inner.local_addr().map_err(|source| QuicError::Socket {
             action: "local_addr",
