@@ -216,10 +216,13 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     // One task writes replies in the order they complete.
-    let (replies, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    // A reply is its 16-byte header and, for a READ, the data: sent as two
+    // parts so the data is never copied behind the header.
+    let (replies, mut outgoing) = mpsc::channel::<([u8; 16], Vec<u8>)>(MAX_IN_FLIGHT);
     let writer_task = tokio::spawn(async move {
-        while let Some(reply) = outgoing.recv().await {
-            writer.write_all(&reply).await?;
+        while let Some((header, data)) = outgoing.recv().await {
+            writer.write_all(&header).await?;
+            writer.write_all(&data).await?;
             if outgoing.is_empty() {
                 writer.flush().await?;
             }
@@ -251,7 +254,7 @@ where
                     EINVAL
                 };
                 if replies
-                    .send(simple_reply(error, cookie).to_vec())
+                    .send((simple_reply(error, cookie), Vec::new()))
                     .await
                     .is_err()
                 {
@@ -313,7 +316,7 @@ fn errno(e: &DriverError, write: bool) -> u32 {
     }
 }
 
-async fn execute(export: &Export, request: Request, payload: Vec<u8>) -> Vec<u8> {
+async fn execute(export: &Export, request: Request, payload: Vec<u8>) -> ([u8; 16], Vec<u8>) {
     let volume = &export.volume;
     let fua = request.flags & CMD_FLAG_FUA != 0;
     let (offset, len) = (request.offset, u64::from(request.length));
@@ -378,14 +381,11 @@ async fn execute(export: &Export, request: Request, payload: Vec<u8>) -> Vec<u8>
     }
     .await;
     match outcome {
-        Ok(data) => {
-            let mut reply = simple_reply(0, request.cookie).to_vec();
-            reply.extend_from_slice(&data);
-            reply
-        }
+        Ok(data) => (simple_reply(0, request.cookie), data),
         Err(e) => {
             warn!(command = ?request.command, offset, len, error = %e, "request failed");
-            simple_reply(errno(&e, request.command != Command::Read), request.cookie).to_vec()
+            let error = errno(&e, request.command != Command::Read);
+            (simple_reply(error, request.cookie), Vec::new())
         }
     }
 }
@@ -399,8 +399,11 @@ async fn read(volume: &Volume, offset: u64, len: u64) -> Result<Vec<u8>, DriverE
     if len > 0 {
         volume.read_at(start, &mut buf).await?;
     }
+    // Trim the block padding in place (nothing to move for aligned reads).
     let skip = (offset - start) as usize;
-    Ok(buf[skip..skip + len as usize].to_vec())
+    buf.truncate(skip + len as usize);
+    buf.drain(..skip);
+    Ok(buf)
 }
 
 /// Write `data` at `offset`; unaligned edges are read, merged and written whole.
