@@ -76,6 +76,15 @@ pub enum VolumeCommand {
         #[arg(long)]
         size: ByteSize,
     },
+    /// Compare a volume's replicas region by region (crc32c) and report
+    /// every difference; exits 1 if any. Run it on a quiet volume: a write
+    /// in flight shows as a difference until it lands everywhere.
+    Verify {
+        name: String,
+        /// Compare in regions of this size.
+        #[arg(long, default_value = "64K")]
+        region: ByteSize,
+    },
     /// Delete a volume and free its data on every server.
     Delete {
         name: String,
@@ -118,11 +127,20 @@ fn parse_pages(text: &str) -> Result<(u64, u64), String> {
 }
 
 impl Connection {
-    fn call(&self, request: MgmtRequest) -> anyhow::Result<MgmtReply> {
+    /// The admin identity this connection presents.
+    pub fn identity(&self) -> anyhow::Result<tessera_net::quic::TlsIdentity> {
         let tls = TlsPaths::in_dir(&self.cluster_dir, &self.admin);
-        let identity = tls.load().context(
+        tls.load().context(
             "cannot load the admin certificate (set --cluster-dir and --admin, or TESSERA_CLUSTER_DIR)",
-        )?;
+        )
+    }
+
+    pub fn mgmt_addr(&self) -> SocketAddr {
+        self.mgmt
+    }
+
+    pub fn call(&self, request: MgmtRequest) -> anyhow::Result<MgmtReply> {
+        let identity = self.identity()?;
         crate::runtime::current_thread()?.block_on(async {
             let endpoint = Endpoint::client(self.mgmt, &identity, &TransportTuning::default())?;
             let conn = endpoint
@@ -138,7 +156,7 @@ impl Connection {
         })
     }
 
-    fn print(&self, value: &impl serde::Serialize, human: impl FnOnce()) -> anyhow::Result<()> {
+    pub fn print(&self, value: &impl serde::Serialize, human: impl FnOnce()) -> anyhow::Result<()> {
         if self.json {
             println!("{}", serde_json::to_string_pretty(value)?);
         } else {
@@ -147,7 +165,7 @@ impl Connection {
         Ok(())
     }
 
-    fn status(&self) -> anyhow::Result<ClusterStatus> {
+    pub fn status(&self) -> anyhow::Result<ClusterStatus> {
         match self.call(MgmtRequest::Status)? {
             MgmtReply::Status(status) => Ok(status),
             other => bail!("unexpected reply {other:?}"),
@@ -302,6 +320,7 @@ pub fn volume(connection: &Connection, command: VolumeCommand) -> anyhow::Result
             let what = format!("resized volume {name} to {size}");
             connection.applied(AdminCommand::ResizeVolume { name, size: size.0 }, &what)
         }
+        VolumeCommand::Verify { name, region } => crate::mirror_cmd::verify(connection, &name, region),
         VolumeCommand::Delete { name, yes } => {
             confirm(&format!("delete volume {name} and all its data"), yes)?;
             let what = format!("deleted volume {name}");
@@ -360,21 +379,14 @@ pub fn status(connection: &Connection) -> anyhow::Result<()> {
         println!();
         print_volume_header();
         status.volumes.iter().for_each(print_volume_line);
-        for v in &status.volumes {
-            for p in &v.partitions {
-                for r in &p.replicas {
-                    if r.state != MirrorState::InSync {
-                        println!(
-                            "  {} pages {}..{} on {}: {}",
-                            v.name,
-                            p.first_page,
-                            p.end_page,
-                            r.server,
-                            state_name(r.state, true)
-                        );
-                    }
-                }
-            }
+        let mirrors: Vec<_> = status
+            .volumes
+            .iter()
+            .flat_map(|v| crate::mirror_cmd::rows(&status, v))
+            .collect();
+        if !mirrors.is_empty() {
+            println!();
+            crate::mirror_cmd::print_rows(&mirrors);
         }
     })
 }

@@ -224,8 +224,8 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    // Replication arrives with the mirrors work: until then one replica is the most there is.
-    let replicas = 1;
+    // Every page on two servers: a primary and one mirror.
+    let replicas = 2.min(up as u8);
     let create = AdminCommand::CreateVolume {
         name: VOLUME.into(),
         size: command.volume_size.0,
@@ -235,7 +235,7 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
     };
     match admin.mgmt(&MgmtRequest::Admin(create)).await? {
         MgmtReply::Applied { epoch } => println!(
-            "created volume {VOLUME}: {} over {up} servers, {replicas} replica (epoch {})",
+            "created volume {VOLUME}: {} over {up} servers, {replicas} replicas (epoch {})",
             command.volume_size, epoch.0
         ),
         MgmtReply::Refused(Refusal::AlreadyExists { .. }) => {
@@ -294,6 +294,14 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
         started.elapsed().as_secs_f64() * 1000.0
     );
 
+    if let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await? {
+        if let Some(v) = status.volumes.iter().find(|v| v.name == VOLUME) {
+            let rows = crate::mirror_cmd::rows(&status, v);
+            let in_sync = rows.iter().filter(|r| r.state == "in sync").count();
+            println!("mirrors: {in_sync} of {} in sync", rows.len());
+        }
+    }
+
     let listener = Listener::bind(&command.nbd)
         .await
         .with_context(|| format!("cannot listen on {}", command.nbd))?;
@@ -322,6 +330,19 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
                 );
             }
             println!("nbdinfo sees {} bytes", size.trim());
+        }
+        // Every replica holds the same bytes.
+        let verify = Command::new(std::env::current_exe()?)
+            .args(["volume", "verify", VOLUME, "--mgmt", &mgmt.to_string()])
+            .arg("--cluster-dir")
+            .arg(dir)
+            .output()?;
+        print!("{}", String::from_utf8_lossy(&verify.stdout));
+        if !verify.status.success() {
+            bail!(
+                "replicas differ: {}",
+                String::from_utf8_lossy(&verify.stderr)
+            );
         }
         serving.abort();
         endpoint.close();

@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 mod admin;
 mod demo;
 mod mgmt_cmd;
+mod mirror_cmd;
 mod nbd_cmd;
 mod runtime;
 mod storage;
@@ -61,6 +62,13 @@ enum Command {
     },
     /// Servers, volumes, epochs and mirror states (admin).
     Status {
+        #[command(flatten)]
+        connection: admin::Connection,
+    },
+    /// Mirror states of a volume, and waiting for resyncs (admin).
+    Mirror {
+        #[command(subcommand)]
+        command: mirror_cmd::MirrorCommand,
         #[command(flatten)]
         connection: admin::Connection,
     },
@@ -145,6 +153,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connection,
         } => admin::server(&connection, command),
         Command::Status { connection } => admin::status(&connection),
+        Command::Mirror {
+            command,
+            connection,
+        } => mirror_cmd::run(&connection, command),
     }
 }
 

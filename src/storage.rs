@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use std::time::Duration;
 use tessera_engine::config::StorageConfig;
 use tessera_engine::io::IoEngine;
-
+use tessera_engine::replication::{Replication, ReplicationSettings, replication_loop};
 use tessera_engine::report::{ReportTarget, report_loop};
 use tessera_engine::server::{self, FormatPolicy, Service};
 use tessera_net::proto::Role;
@@ -153,12 +153,24 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
     let identity = storage_identity(&config)?;
     tokio_uring::start(async {
         let store = server::open_store(&config, &identity, FormatPolicy::IfBlank).await?;
-        let service = Rc::new(Service::new(store));
         let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &Alpn::ALL)?;
+        let replication = Replication::new(
+            identity.me().name.clone(),
+            store.superblock().geometry.region_size,
+            &endpoint,
+            ReplicationSettings {
+                forward_timeout: Duration::from_millis(config.forward_timeout_ms),
+                resync_rate: config.resync_rate.0,
+                clean_interval: Duration::from_millis(config.clean_interval_ms),
+                mgmt: config.mgmt.map(|addr| (addr, config.mgmt_name.clone())),
+            },
+        );
+        let service = Rc::new(Service::new(store, replication));
         let addr = endpoint.local_addr()?;
         info!(name = %identity.me().name, %addr, data = %config.data.display(), "serving");
         server::announce(&identity.me().name, addr);
         tokio_uring::spawn(server::serve(service.clone(), endpoint.clone()));
+        tokio_uring::spawn(replication_loop(service.clone()));
         if let Some(mgmt) = config.mgmt {
             let target = ReportTarget {
                 addr: mgmt,

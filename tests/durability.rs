@@ -182,6 +182,14 @@ async fn kill_loop(rounds: u64) {
             .sum();
 
         server = StorageProc::start(&cluster, "store-1", "64M", &[]);
+        // A restarted server serves a volume once it has its map again (a
+        // management server would send it with the first heartbeat reply).
+        assert_eq!(
+            push(&mgmt, &server, &whole_volume(1, EPOCH, VOLUME, &[&server])).await,
+            MgmtReply::Applied {
+                epoch: Epoch(EPOCH)
+            }
+        );
         let conn = server.connect(&client).await;
         let mut in_flight_seen = 0;
         for (w, state) in states.iter().enumerate() {

@@ -175,6 +175,7 @@ async fn roles_are_enforced() {
         MgmtRequest::Register {
             data_addr: mgmt.addr,
             capacity: 1,
+            incarnation: 1,
         },
         MgmtRequest::Heartbeat { held: vec![] },
     ] {

@@ -355,6 +355,19 @@ async fn layout_change_fences_old_epoch_and_survives_restart() {
     assert!(server.stop().success());
     let server = StorageProc::start(&cluster, "store-1", "64M", &[]);
     let conn = server.connect(&client).await;
+    // Until a management server gives it the map again, it serves nothing.
+    assert_eq!(
+        op(&conn, Opcode::Read, 1, EPOCH + 1, 12 * MIB, 4096)
+            .await
+            .status,
+        Status::Unavailable
+    );
+    assert_eq!(
+        push(&mgmt, &server, &map).await,
+        MgmtReply::Applied {
+            epoch: Epoch(EPOCH + 1)
+        }
+    );
     assert_eq!(
         read(&conn, 1, EPOCH + 1, 12 * MIB, 4096 * 3).await.1,
         payload
@@ -406,19 +419,19 @@ async fn data_file_of_another_cluster_or_format_is_refused_untouched() {
     assert_eq!(file_digest(&data), digest);
 
     // Another on-disk format version (a valid superblock otherwise: the crc
-    // over its first 188 bytes sits at 188..192).
+    // over its first 200 bytes sits at 200..204).
     let original = std::fs::read(&data).unwrap();
     let mut bytes = original.clone();
     for copy in [0, 4096] {
-        bytes[copy + 8..copy + 12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&bytes[copy..copy + 188]);
-        bytes[copy + 188..copy + 192].copy_from_slice(&crc.to_le_bytes());
+        bytes[copy + 8..copy + 12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[copy..copy + 200]);
+        bytes[copy + 200..copy + 204].copy_from_slice(&crc.to_le_bytes());
     }
     std::fs::write(&data, &bytes).unwrap();
     let err = StorageProc::try_start(&cluster, "store-1", "64M", &[])
         .err()
         .unwrap();
-    assert!(err.contains("on-disk format version 2"), "{err}");
+    assert!(err.contains("on-disk format version 3"), "{err}");
     assert_eq!(
         std::fs::read(&data).unwrap(),
         bytes,

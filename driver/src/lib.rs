@@ -44,12 +44,20 @@ use tessera_net::proto::{
 use tessera_net::quic::{Alpn, Connector, Endpoint, QuicError, TlsIdentity, TransportTuning};
 use tracing::{debug, warn};
 
-/// Attempts per request piece before the application gets `Unavailable`.
-const MAX_ATTEMPTS: u32 = 12;
+/// How long a request piece is retried (through map changes, a primary's
+/// failover, a server's restart) before the application gets `Unavailable`.
+/// Longer than the management server's default heartbeat timeout (5 s), so a
+/// failover completes within it.
+const RETRY_BUDGET: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// Map fetches for one volume are at least this far apart.
+const MIN_FETCH_INTERVAL: Duration = Duration::from_millis(50);
 /// One request (or map fetch) that takes longer is given up and retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request unanswered this long makes the driver check for a newer map
+/// (its server may have died and been replaced), and retry if there is one.
+const MAP_CHECK_AFTER: Duration = Duration::from_millis(1000);
 /// Pieces of one call in flight at once (a huge TRIM is many pieces).
 const MAX_PIECES_IN_FLIGHT: usize = 64;
 
@@ -92,7 +100,7 @@ impl Client {
                 client: self.clone(),
                 name: name.to_string(),
                 map: ArcSwap::from_pointee(map),
-                refreshing: tokio::sync::Mutex::new(()),
+                refreshing: tokio::sync::Mutex::new(None),
                 next_id: AtomicU64::new(1),
                 refreshes: AtomicU64::new(0),
             }),
@@ -155,8 +163,9 @@ struct VolumeInner {
     name: String,
     /// The current map slice, swapped whole on refresh: requests read it without a lock.
     map: ArcSwap<VolumeMap>,
-    /// One map fetch at a time; others wait for it instead of fetching again.
-    refreshing: tokio::sync::Mutex<()>,
+    /// One map fetch at a time; others wait for it instead of fetching
+    /// again. Holds when the last fetch started.
+    refreshing: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     next_id: AtomicU64,
     /// Newer maps fetched after a server refused a request.
     refreshes: AtomicU64,
@@ -337,8 +346,12 @@ impl VolumeInner {
     async fn run(&self, piece: Piece, payload: &[u8]) -> Result<Vec<u8>, DriverError> {
         let mut backoff = FIRST_BACKOFF;
         let mut last = String::new();
-        for attempt in 0..MAX_ATTEMPTS {
+        let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
+        for attempt in 0.. {
             if attempt > 0 {
+                if tokio::time::Instant::now() + backoff > deadline {
+                    break;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -373,25 +386,44 @@ impl VolumeInner {
                 request.offset = 0;
                 request.length = 0;
             }
-            let sent = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let send = tokio::time::timeout(REQUEST_TIMEOUT, async {
                 let conn = self.client.data.get(primary.addr, &primary.server).await?;
                 conn.data(&request, payload).await
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err(QuicError::Socket {
-                    action: "request",
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {REQUEST_TIMEOUT:?}"),
-                    ),
-                })
             });
+            // A dead server does not answer at all: while waiting, look for
+            // a map that has moved on (a failover) and retry there.
+            let moved = async {
+                loop {
+                    tokio::time::sleep(MAP_CHECK_AFTER).await;
+                    self.refresh(map.epoch).await?;
+                    if self.map.load().epoch > map.epoch {
+                        return Ok::<(), DriverError>(());
+                    }
+                }
+            };
+            let sent = tokio::select! {
+                sent = send => sent.unwrap_or_else(|_| {
+                    Err(QuicError::Socket {
+                        action: "request",
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {REQUEST_TIMEOUT:?}"),
+                        ),
+                    })
+                }),
+                moved = moved => {
+                    moved?;
+                    debug!(volume = %self.name, server = %primary.server, "no answer, and the map moved on: retrying");
+                    last = format!("{}: no answer before epoch {}", primary.server, map.epoch);
+                    continue;
+                }
+            };
             let (reply, data) = match sent {
                 Ok(answer) => answer,
                 Err(e) => {
                     // The server may be down: the management server will move on; so do we.
                     debug!(volume = %self.name, server = %primary.server, error = %e, "request failed");
+                    self.client.data.forget(primary.addr);
                     last = format!("{}: {e}", primary.server);
                     self.refresh(map.epoch).await?;
                     continue;
@@ -440,10 +472,16 @@ impl VolumeInner {
 
     /// Fetch the map again unless someone already did since epoch `seen`.
     async fn refresh(&self, seen: Epoch) -> Result<(), DriverError> {
-        let _one_at_a_time = self.refreshing.lock().await;
+        let mut last_fetch = self.refreshing.lock().await;
         if self.map.load().epoch > seen {
             return Ok(());
         }
+        // Many requests waiting on one dead server ask at once: one fetch
+        // answers them all for a moment.
+        if last_fetch.is_some_and(|t| t.elapsed() < MIN_FETCH_INTERVAL) {
+            return Ok(());
+        }
+        *last_fetch = Some(tokio::time::Instant::now());
         match self.client.fetch_map(&self.name).await {
             Ok(map) => {
                 // Never go back to an older map (a lagging management server).

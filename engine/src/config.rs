@@ -8,7 +8,7 @@ use tessera_net::quic::{TlsPaths, TransportTuning};
 use tessera_net::units::ByteSize;
 
 use crate::error::EngineError;
-use crate::format::{DEFAULT_MAX_VOLUMES, DEFAULT_SLOT_SIZE};
+use crate::format::{DEFAULT_MAX_VOLUMES, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE};
 use crate::io::IoEngine;
 
 /// Settings of `tessera storage`; the file is TOML, command-line flags override it.
@@ -36,6 +36,17 @@ pub struct StorageConfig {
     pub slot_size: ByteSize,
     /// Capacity of the volume table, set at format time.
     pub max_volumes: u32,
+    /// Unit of the per-peer bitmasks and of resync copies, set at format time.
+    pub region_size: ByteSize,
+    /// How long (ms) a primary waits for a mirror before it stops forwarding
+    /// to it and has it marked out of sync: the longest stall a lost mirror
+    /// causes a write is about this plus one management round trip.
+    pub forward_timeout_ms: u64,
+    /// Resync copies at most this many bytes per second (one region at a
+    /// time), so client I/O keeps the rest of the disk.
+    pub resync_rate: ByteSize,
+    /// How often (ms) a primary clears the bits of regions every mirror holds.
+    pub clean_interval_ms: u64,
     pub tls: TlsPaths,
     pub transport: TransportTuning,
 }
@@ -53,6 +64,10 @@ impl Default for StorageConfig {
             io_engine: IoEngine::Uring,
             slot_size: ByteSize(u64::from(DEFAULT_SLOT_SIZE)),
             max_volumes: DEFAULT_MAX_VOLUMES,
+            region_size: ByteSize(u64::from(DEFAULT_REGION_SIZE)),
+            forward_timeout_ms: 1_500,
+            resync_rate: ByteSize(128 << 20),
+            clean_interval_ms: 1_000,
             tls: TlsPaths::default(),
             transport: TransportTuning::default(),
         }
@@ -68,6 +83,12 @@ impl StorageConfig {
         })?;
         toml::from_str(&text).map_err(|e| EngineError::Config {
             reason: format!("{}: {}", path.display(), e.message()),
+        })
+    }
+
+    pub fn region_size(&self) -> Result<u32, EngineError> {
+        u32::try_from(self.region_size.0).map_err(|_| EngineError::Config {
+            reason: format!("region size {} is too large", self.region_size),
         })
     }
 

@@ -91,6 +91,9 @@ pub enum EngineError {
     /// A metadata write failed earlier; the store serves nothing until restarted.
     #[error("the store stopped after a metadata write error; restart the server")]
     Stopped,
+    /// More regions are dirty than the bitmask pool reserved at format time can record.
+    #[error("the bitmask pool ({blocks} blocks) is full: too many regions differ between replicas")]
+    BitmaskPoolFull { blocks: u64 },
     /// The transport failed.
     #[error(transparent)]
     Net(#[from] QuicError),

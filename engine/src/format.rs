@@ -1,7 +1,7 @@
 //! The on-disk format, as pure encode/decode functions (see `docs/disk-format.md`).
 //!
 //! Layout, in 4 KiB blocks: two superblock copies; the volume table; the slot
-//! table; space reserved for per-peer bitmasks and migration marks; then the
+//! table; a pool of per-peer bitmask blocks; space reserved for migration marks; then the
 //! data slots, aligned to the slot size. Every metadata block exists twice
 //! (copy A and B) and carries a sequence number and a crc32c: an update goes
 //! to the copy the new sequence number selects, so a torn write can only
@@ -14,7 +14,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// Size of a block: the unit of metadata I/O and of data alignment.
 pub const BLOCK: u64 = 4096;
 const BLOCK_USIZE: usize = 4096;
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const SUPER_MAGIC: [u8; 8] = *b"TSRSUPER";
 /// Magic of a metadata block copy: `b"TSMB"` little-endian.
 pub const META_MAGIC: u32 = u32::from_le_bytes(*b"TSMB");
@@ -24,11 +24,21 @@ pub const META_PAYLOAD_LEN: usize = BLOCK_USIZE - META_HEADER_LEN;
 /// Slot table entries per metadata block.
 pub const SLOTS_PER_BLOCK: u64 = (META_PAYLOAD_LEN / SLOT_ENTRY_LEN) as u64;
 const SLOT_ENTRY_LEN: usize = 16;
-/// Bytes of per-peer bitmask reserved per data slot (bits for up to 4 peers × 16 regions).
-pub const BITMASK_BYTES_PER_SLOT: u64 = 8;
+/// Regions one bitmask block covers (3968 bytes of bits).
+pub const REGIONS_PER_BITMASK_BLOCK: u64 = 3968 * 8;
+const BITMASK_FIXED_LEN: usize = 80;
+/// The bitmask pool has one logical block per this many data slots, and at least [`MIN_BITMASK_BLOCKS`].
+pub const SLOTS_PER_BITMASK_BLOCK: u64 = 64;
+pub const MIN_BITMASK_BLOCKS: u64 = 64;
 /// Page ranges one volume record holds.
 pub const MAX_RANGES: usize = (META_PAYLOAD_LEN - VOLUME_FIXED_LEN) / 16;
-const VOLUME_FIXED_LEN: usize = 32;
+const VOLUME_FIXED_LEN: usize = 40;
+/// Volume-record flag: this replica was created empty while out of sync and
+/// must be copied whole before it can be in sync (a replaced or wiped disk).
+pub const VOLUME_NEEDS_FULL_COPY: u32 = 1;
+pub const DEFAULT_REGION_SIZE: u32 = 64 << 10;
+/// Largest bitmask region.
+pub const MAX_REGION_SIZE: u32 = 16 << 20;
 pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
 pub const DEFAULT_MAX_VOLUMES: u32 = 1024;
 const MAX_SERVER_NAME: usize = 63;
@@ -39,8 +49,12 @@ const MAX_SERVER_NAME: usize = 63;
 pub struct Geometry {
     pub device_size: u64,
     pub slot_size: u32,
+    /// Unit of the per-peer bitmasks (resync copies whole regions).
+    pub region_size: u32,
     pub max_volumes: u32,
     pub slot_count: u64,
+    /// Logical blocks in the bitmask pool.
+    pub bitmask_blocks: u64,
     /// First block of each area (each logical block `i` occupies blocks `start + 2i` and `start + 2i + 1`).
     pub volume_table: u64,
     pub slot_table: u64,
@@ -56,10 +70,23 @@ fn div_ceil(a: u64, b: u64) -> u64 {
 
 impl Geometry {
     /// Lay out a device of `device_size` bytes.
-    pub fn compute(device_size: u64, slot_size: u32, max_volumes: u32) -> Result<Self, String> {
+    pub fn compute(
+        device_size: u64,
+        slot_size: u32,
+        region_size: u32,
+        max_volumes: u32,
+    ) -> Result<Self, String> {
         if slot_size == 0 || u64::from(slot_size) % BLOCK != 0 || !slot_size.is_power_of_two() {
             return Err(format!(
                 "slot size {slot_size} must be a power of two multiple of {BLOCK}"
+            ));
+        }
+        if u64::from(region_size) < BLOCK
+            || !region_size.is_power_of_two()
+            || region_size > MAX_REGION_SIZE
+        {
+            return Err(format!(
+                "region size {region_size} must be a power of two from {BLOCK} to {MAX_REGION_SIZE}"
             ));
         }
         if max_volumes == 0 {
@@ -68,7 +95,7 @@ impl Geometry {
         let slot = u64::from(slot_size);
         let mut slots = device_size / slot;
         loop {
-            let g = Self::layout(device_size, slot_size, max_volumes, slots);
+            let g = Self::layout(device_size, slot_size, region_size, max_volumes, slots);
             let fit = device_size.saturating_sub(g.data_start) / slot;
             if fit >= slots {
                 if slots > u64::from(u32::MAX) {
@@ -79,7 +106,9 @@ impl Geometry {
                 return if slots == 0 {
                     Err(format!(
                         "device of {device_size} bytes is too small: at least {} bytes are needed",
-                        Self::layout(device_size, slot_size, max_volumes, 1).data_start + slot
+                        Self::layout(device_size, slot_size, region_size, max_volumes, 1)
+                            .data_start
+                            + slot
                     ))
                 } else {
                     Ok(g)
@@ -89,19 +118,27 @@ impl Geometry {
         }
     }
 
-    fn layout(device_size: u64, slot_size: u32, max_volumes: u32, slots: u64) -> Self {
+    fn layout(
+        device_size: u64,
+        slot_size: u32,
+        region_size: u32,
+        max_volumes: u32,
+        slots: u64,
+    ) -> Self {
         let volume_table = 2;
         let slot_table = volume_table + 2 * u64::from(max_volumes);
         let bitmasks = slot_table + 2 * div_ceil(slots, SLOTS_PER_BLOCK);
-        let migration_marks =
-            bitmasks + 2 * div_ceil(slots * BITMASK_BYTES_PER_SLOT, META_PAYLOAD_LEN as u64);
+        let bitmask_blocks = (slots / SLOTS_PER_BITMASK_BLOCK).max(MIN_BITMASK_BLOCKS);
+        let migration_marks = bitmasks + 2 * bitmask_blocks;
         let meta_end = migration_marks + 2 * div_ceil(slots, META_PAYLOAD_LEN as u64 * 8);
         let data_start = (meta_end * BLOCK).next_multiple_of(u64::from(slot_size));
         Geometry {
             device_size,
             slot_size,
+            region_size,
             max_volumes,
             slot_count: slots,
+            bitmask_blocks,
             volume_table,
             slot_table,
             bitmasks,
@@ -138,6 +175,7 @@ struct RawSuperblock {
     format_version: U32,
     block_size: U32,
     slot_size: U32,
+    region_size: U32,
     max_volumes: U32,
     device_size: U64,
     slot_count: U64,
@@ -147,6 +185,7 @@ struct RawSuperblock {
     migration_marks: U64,
     data_start: U64,
     created_unix: U64,
+    incarnation: U64,
     cluster_id: [u8; 32],
     server_name_len: U32,
     server_name: [u8; 64],
@@ -160,6 +199,9 @@ pub struct Superblock {
     pub cluster_id: [u8; 32],
     pub server_name: String,
     pub created_unix: u64,
+    /// Random at format time: tells the management server that a disk was
+    /// replaced or wiped, so every replica on it needs a full copy.
+    pub incarnation: u64,
 }
 
 /// Why a superblock copy was not accepted.
@@ -189,6 +231,7 @@ impl Superblock {
             format_version: FORMAT_VERSION.into(),
             block_size: (BLOCK as u32).into(),
             slot_size: g.slot_size.into(),
+            region_size: g.region_size.into(),
             max_volumes: g.max_volumes.into(),
             device_size: g.device_size.into(),
             slot_count: g.slot_count.into(),
@@ -198,6 +241,7 @@ impl Superblock {
             migration_marks: g.migration_marks.into(),
             data_start: g.data_start.into(),
             created_unix: self.created_unix.into(),
+            incarnation: self.incarnation.into(),
             cluster_id: self.cluster_id,
             server_name_len: (name.len() as u32).into(),
             server_name,
@@ -240,8 +284,11 @@ impl Superblock {
         let geometry = Geometry {
             device_size: raw.device_size.get(),
             slot_size: raw.slot_size.get(),
+            region_size: raw.region_size.get(),
             max_volumes: raw.max_volumes.get(),
             slot_count: raw.slot_count.get(),
+            bitmask_blocks: (raw.slot_count.get() / SLOTS_PER_BITMASK_BLOCK)
+                .max(MIN_BITMASK_BLOCKS),
             volume_table: raw.volume_table.get(),
             slot_table: raw.slot_table.get(),
             bitmasks: raw.bitmasks.get(),
@@ -252,6 +299,7 @@ impl Superblock {
         let expected = Geometry::compute(
             geometry.device_size,
             geometry.slot_size,
+            geometry.region_size,
             geometry.max_volumes,
         )
         .map_err(|_| SuperblockFault::Damaged)?;
@@ -263,6 +311,7 @@ impl Superblock {
             cluster_id: raw.cluster_id,
             server_name: name.to_string(),
             created_unix: raw.created_unix.get(),
+            incarnation: raw.incarnation.get(),
         })
     }
 }
@@ -379,6 +428,8 @@ pub struct VolumeRecord {
     pub page_size: u32,
     /// Page ranges `[first, end)` this server holds a replica of.
     pub ranges: Vec<(u64, u64)>,
+    /// [`VOLUME_NEEDS_FULL_COPY`] and future flags.
+    pub flags: u32,
 }
 
 impl VolumeRecord {
@@ -392,6 +443,8 @@ impl VolumeRecord {
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&self.page_size.to_le_bytes());
         out.extend_from_slice(&(self.ranges.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
         for (first, end) in &self.ranges {
             out.extend_from_slice(&first.to_le_bytes());
             out.extend_from_slice(&end.to_le_bytes());
@@ -441,6 +494,74 @@ impl VolumeRecord {
             size: u64_at(16)?,
             page_size: u32_at(24)?,
             ranges,
+            flags: u32_at(32)?,
+        }))
+    }
+}
+
+/// One block of a per-peer bitmask: which regions `[first_region,
+/// first_region + REGIONS_PER_BITMASK_BLOCK)` of `volume` the peer `peer` may
+/// lack this server's version of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmaskBlock {
+    pub volume: VolumeId,
+    pub peer: String,
+    pub first_region: u64,
+    /// `REGIONS_PER_BITMASK_BLOCK / 8` bytes, bit `i` of byte `i / 8` (LSB first).
+    pub bits: Vec<u8>,
+}
+
+impl BitmaskBlock {
+    pub const BITS_LEN: usize = (REGIONS_PER_BITMASK_BLOCK / 8) as usize;
+
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let peer = self.peer.as_bytes();
+        if peer.len() > MAX_SERVER_NAME {
+            return Err(format!("peer name longer than {MAX_SERVER_NAME} bytes"));
+        }
+        if self.bits.len() != Self::BITS_LEN {
+            return Err(format!("bitmask of {} bytes", self.bits.len()));
+        }
+        let mut out = Vec::with_capacity(BITMASK_FIXED_LEN + Self::BITS_LEN);
+        out.extend_from_slice(&self.volume.0.to_le_bytes());
+        out.extend_from_slice(&self.first_region.to_le_bytes());
+        out.push(peer.len() as u8);
+        out.extend_from_slice(peer);
+        out.resize(BITMASK_FIXED_LEN, 0);
+        out.extend_from_slice(&self.bits);
+        Ok(out)
+    }
+
+    /// `None` for a free pool block; `Err` for an inconsistent one.
+    pub fn decode(payload: &[u8]) -> Result<Option<Self>, &'static str> {
+        let u64_at = |at: usize| -> Result<u64, &'static str> {
+            payload
+                .get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .ok_or("truncated bitmask block")
+        };
+        if payload.is_empty() || u64_at(0)? == 0 {
+            return Ok(None);
+        }
+        let first_region = u64_at(8)?;
+        if !first_region.is_multiple_of(REGIONS_PER_BITMASK_BLOCK) {
+            return Err("bitmask block starts inside a block's worth of regions");
+        }
+        let len = usize::from(*payload.get(16).ok_or("truncated bitmask block")?);
+        let peer = payload
+            .get(17..17 + len)
+            .filter(|_| len <= MAX_SERVER_NAME && len > 0)
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .ok_or("bad peer name in bitmask block")?;
+        let bits = payload
+            .get(BITMASK_FIXED_LEN..BITMASK_FIXED_LEN + Self::BITS_LEN)
+            .ok_or("truncated bitmask block")?;
+        Ok(Some(BitmaskBlock {
+            volume: VolumeId(u64_at(0)?),
+            peer: peer.to_string(),
+            first_region,
+            bits: bits.to_vec(),
         }))
     }
 }
@@ -454,17 +575,25 @@ mod tests {
 
     fn sb() -> Superblock {
         Superblock {
-            geometry: Geometry::compute(256 << 20, DEFAULT_SLOT_SIZE, 64).unwrap(),
+            geometry: Geometry::compute(256 << 20, DEFAULT_SLOT_SIZE, DEFAULT_REGION_SIZE, 64)
+                .unwrap(),
             cluster_id: [7; 32],
             server_name: "store-1".into(),
             created_unix: 1_700_000_000,
+            incarnation: 0x1234_5678_9abc,
         }
     }
 
     #[test]
     fn geometry_fits_device() {
         for size in [16u64 << 20, 256 << 20, 10 << 30, 1 << 40, (1 << 40) + 12345] {
-            let g = Geometry::compute(size, DEFAULT_SLOT_SIZE, DEFAULT_MAX_VOLUMES).unwrap();
+            let g = Geometry::compute(
+                size,
+                DEFAULT_SLOT_SIZE,
+                DEFAULT_REGION_SIZE,
+                DEFAULT_MAX_VOLUMES,
+            )
+            .unwrap();
             assert!(
                 g.data_start + g.slot_count * u64::from(g.slot_size) <= size,
                 "{g:?}"
@@ -472,20 +601,40 @@ mod tests {
             assert!(g.data_start.is_multiple_of(u64::from(g.slot_size)));
             // Everything the slot count needs fits before the data.
             assert_eq!(
-                Geometry::layout(size, g.slot_size, g.max_volumes, g.slot_count),
+                Geometry::layout(
+                    size,
+                    g.slot_size,
+                    g.region_size,
+                    g.max_volumes,
+                    g.slot_count
+                ),
                 g
             );
             // Not wasteful: one more slot would not fit.
-            let more = Geometry::layout(size, g.slot_size, g.max_volumes, g.slot_count + 1);
+            let more = Geometry::layout(
+                size,
+                g.slot_size,
+                g.region_size,
+                g.max_volumes,
+                g.slot_count + 1,
+            );
             assert!(more.data_start + (g.slot_count + 1) * u64::from(g.slot_size) > size);
         }
     }
 
     #[test]
     fn tiny_device_is_refused() {
-        let err = Geometry::compute(1 << 20, DEFAULT_SLOT_SIZE, DEFAULT_MAX_VOLUMES).unwrap_err();
+        let err = Geometry::compute(
+            1 << 20,
+            DEFAULT_SLOT_SIZE,
+            DEFAULT_REGION_SIZE,
+            DEFAULT_MAX_VOLUMES,
+        )
+        .unwrap_err();
         assert!(err.contains("too small"), "{err}");
-        assert!(Geometry::compute(1 << 30, 3000, 1).is_err());
+        assert!(Geometry::compute(1 << 30, 3000, DEFAULT_REGION_SIZE, 1).is_err());
+        let err = Geometry::compute(1 << 30, DEFAULT_SLOT_SIZE, 3000, 1).unwrap_err();
+        assert!(err.contains("region size"), "{err}");
     }
 
     #[test]
@@ -565,6 +714,7 @@ mod tests {
             size: 10 << 30,
             page_size: 1 << 20,
             ranges: vec![(0, 10), (20, 30)],
+            flags: VOLUME_NEEDS_FULL_COPY,
         };
         assert_eq!(
             VolumeRecord::decode(&rec.encode().unwrap()).unwrap(),
@@ -576,6 +726,34 @@ mod tests {
             ..rec
         };
         assert!(too_many.encode().is_err());
+    }
+
+    #[test]
+    fn bitmask_block_round_trips_and_rejects_damage() {
+        let mut bits = vec![0u8; BitmaskBlock::BITS_LEN];
+        bits[3] = 0b1010_0001;
+        let block = BitmaskBlock {
+            volume: VolumeId(4),
+            peer: "store-2".into(),
+            first_region: 2 * REGIONS_PER_BITMASK_BLOCK,
+            bits,
+        };
+        let bytes = block.encode().unwrap();
+        assert!(bytes.len() <= META_PAYLOAD_LEN);
+        assert_eq!(BitmaskBlock::decode(&bytes).unwrap(), Some(block.clone()));
+        assert_eq!(BitmaskBlock::decode(&[0u8; 100]).unwrap(), None);
+        let mut unaligned = bytes.clone();
+        unaligned[8] = 1;
+        assert!(BitmaskBlock::decode(&unaligned).is_err());
+        let mut no_name = bytes.clone();
+        no_name[16] = 0;
+        assert!(BitmaskBlock::decode(&no_name).is_err());
+        assert!(BitmaskBlock::decode(&bytes[..200]).is_err());
+        let long = BitmaskBlock {
+            peer: "x".repeat(64),
+            ..block
+        };
+        assert!(long.encode().is_err());
     }
 
     proptest! {
@@ -591,6 +769,7 @@ mod tests {
             let _ = Superblock::decode(&bytes);
             let _ = decode_meta(&bytes, home, home % 2);
             let _ = VolumeRecord::decode(&bytes);
+            let _ = BitmaskBlock::decode(&bytes);
             let _ = decode_slot_entries(&bytes, 254);
         }
     }

@@ -3,13 +3,17 @@
 //! * [`format`]: the on-disk format (pure encode and decode).
 //! * [`io`]: the switchable I/O engine (io_uring with O_DIRECT, or plain files).
 //! * [`store`]: volumes, epochs, thin-provisioned chunks and data I/O.
+//! * [`bitmask`]: per-peer bitmasks of regions a peer replica may lack.
+//! * [`replication`]: forwarding writes to mirrors, cleaning bits, resync.
 //! * [`server`]: opening a device, and the QUIC data and management service.
 
 pub mod aligned;
+pub mod bitmask;
 pub mod config;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod replication;
 pub mod report;
 pub mod server;
 pub mod store;

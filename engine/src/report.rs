@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tessera_net::proto::{MgmtReply, MgmtRequest, Role};
+use tessera_net::proto::{Epoch, MgmtReply, MgmtRequest, Role};
 use tessera_net::quic::{Alpn, ConnectError, Endpoint, PeerConnection, QuicError};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::server::Service;
 
@@ -53,6 +53,7 @@ async fn session(
         .mgmt(&MgmtRequest::Register {
             data_addr: target.advertise,
             capacity: slots * slot_size,
+            incarnation: service.store.superblock().incarnation,
         })
         .await?;
     match reply {
@@ -60,11 +61,13 @@ async fn session(
         other => warn!(?other, "registration refused"),
     }
     loop {
+        // A volume whose map is not known yet (after a restart) is reported
+        // at epoch 0, so the answer carries its map.
         let held = service
             .store
             .volumes()
             .iter()
-            .map(|v| (v.id, v.epoch()))
+            .map(|v| (v.id, if v.map().is_some() { v.epoch() } else { Epoch(0) }))
             .collect();
         match conn.mgmt(&MgmtRequest::Heartbeat { held }).await? {
             MgmtReply::Maps { maps, dropped, .. } => {
@@ -72,6 +75,7 @@ async fn session(
                     if let MgmtReply::Refused(refusal) = service.store.handle_push(&map).await {
                         warn!(volume = %map.id, %refusal, "map from heartbeat not applied");
                     }
+                    service.replication.map_changed(map.id);
                 }
                 for id in dropped {
                     if let Err(e) = service.store.drop_volume(id).await {
@@ -84,6 +88,13 @@ async fn session(
                 return Ok(());
             }
             other => warn!(?other, "unexpected heartbeat reply"),
+        }
+        let report = MgmtRequest::ReportMirrors {
+            mirrors: service.replication.reports(service),
+            resynced_bytes: service.replication.resynced_bytes(),
+        };
+        if let MgmtReply::Refused(refusal) = conn.mgmt(&report).await? {
+            debug!(%refusal, "mirror report refused");
         }
         tokio::select! {
             () = tokio::time::sleep(target.interval) => {}

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::rc::Rc;
 
 use tessera_net::proto::{
-    self, BLOCK_SIZE, Epoch, MgmtReply, MgmtRequest, Opcode, REQUEST_HEADER_LEN,
-    Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
+    self, BLOCK_SIZE, Epoch, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, Opcode,
+    REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
 };
 use tessera_net::quic::{
     Alpn, Endpoint, PeerConnection, PeerIdentity, RecvStream, SendStream, TlsIdentity, VarInt,
@@ -21,6 +21,7 @@ use crate::config::StorageConfig;
 use crate::error::EngineError;
 use crate::format::{Geometry, Superblock, SuperblockFault};
 use crate::io::{BlockDevice, IoEngine, StdDevice, UringDevice};
+use crate::replication::{self, Replication};
 use crate::store::{self, ReadPiece, Refusal, Store};
 
 /// The device behind a store, as chosen by the config.
@@ -173,8 +174,13 @@ pub async fn open_store(
     let cluster_id = identity.cluster_id();
     let me = &identity.me().name;
     let fresh = |dev_size| -> Result<Superblock, EngineError> {
-        let geometry = Geometry::compute(dev_size, config.slot_size()?, config.max_volumes)
-            .map_err(|reason| EngineError::Config { reason })?;
+        let geometry = Geometry::compute(
+            dev_size,
+            config.slot_size()?,
+            config.region_size()?,
+            config.max_volumes,
+        )
+        .map_err(|reason| EngineError::Config { reason })?;
         Ok(Superblock {
             geometry,
             cluster_id,
@@ -182,6 +188,7 @@ pub async fn open_store(
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            incarnation: rand::random::<u64>().max(1),
         })
     };
     let found = store::read_superblock(&dev, path).await?;
@@ -250,6 +257,7 @@ pub async fn open_store(
 #[derive(Debug)]
 pub struct Service {
     pub store: Store<AnyDevice>,
+    pub replication: Replication,
     pub refresh: tokio::sync::Notify,
     /// Payload bytes in memory across all requests, in blocks: taken before
     /// a buffer is allocated, so many headers without payloads cannot
@@ -263,9 +271,10 @@ const IO_BUDGET: usize = 256 << 20;
 const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Service {
-    pub fn new(store: Store<AnyDevice>) -> Self {
+    pub fn new(store: Store<AnyDevice>, replication: Replication) -> Self {
         Service {
             store,
+            replication,
             refresh: tokio::sync::Notify::new(),
             budget: tokio::sync::Semaphore::new(IO_BUDGET / BLOCK_SIZE as usize),
         }
@@ -299,35 +308,8 @@ async fn serve_connection(service: Rc<Service>, conn: PeerConnection) {
             }
             Alpn::Mgmt => {
                 tokio_uring::spawn(async move {
-                    let store = &service.store;
-                    let handled = serve_mgmt_stream(&peer, send, recv, |request| async move {
-                        match request {
-                            MgmtRequest::PushMap { map } => store.handle_push(&map).await,
-                            MgmtRequest::CheckMap { map } => match store.check_map(&map) {
-                                Ok(()) => MgmtReply::Applied { epoch: map.epoch },
-                                Err(e) => MgmtReply::Refused(refusal_of(&e)),
-                            },
-                            MgmtRequest::DropVolume { id } => match store.drop_volume(id).await {
-                                Ok(()) => MgmtReply::Applied { epoch: Epoch(0) },
-                                Err(e) => MgmtReply::Refused(MgmtRefusal::Invalid {
-                                    reason: e.to_string(),
-                                }),
-                            },
-                            MgmtRequest::Ping => MgmtReply::Pong {
-                                epoch: store
-                                    .volumes()
-                                    .iter()
-                                    .map(|v| v.epoch())
-                                    .max()
-                                    .unwrap_or(Epoch(0)),
-                            },
-                            other => MgmtReply::Refused(MgmtRefusal::Invalid {
-                                reason: format!(
-                                    "a storage server does not serve {}",
-                                    other.operation()
-                                ),
-                            }),
-                        }
+                    let handled = serve_mgmt_stream(&peer, send, recv, |request| {
+                        serve_mgmt_request(&service, request)
                     })
                     .await;
                     if let Err(e) = handled {
@@ -337,6 +319,100 @@ async fn serve_connection(service: Rc<Service>, conn: PeerConnection) {
             }
         }
     }
+}
+
+async fn serve_mgmt_request(service: &Service, request: MgmtRequest) -> MgmtReply {
+    let store = &service.store;
+    match request {
+        MgmtRequest::PushMap { map } => {
+            let reply = store.handle_push(&map).await;
+            service.replication.map_changed(map.id);
+            reply
+        }
+        MgmtRequest::CheckMap { map } => match store.check_map(&map) {
+            Ok(()) => MgmtReply::Applied { epoch: map.epoch },
+            Err(e) => MgmtReply::Refused(refusal_of(&e)),
+        },
+        MgmtRequest::DropVolume { id } => match store.drop_volume(id).await {
+            Ok(()) => MgmtReply::Applied { epoch: Epoch(0) },
+            Err(e) => MgmtReply::Refused(MgmtRefusal::Invalid {
+                reason: e.to_string(),
+            }),
+        },
+        MgmtRequest::Ping => MgmtReply::Pong {
+            epoch: store
+                .volumes()
+                .iter()
+                .map(|v| v.epoch())
+                .max()
+                .unwrap_or(Epoch(0)),
+        },
+        request @ (MgmtRequest::DirtyRegions { .. } | MgmtRequest::Clean { .. }) => {
+            replication::handle_peer_request(service, request).await
+        }
+        MgmtRequest::RegionChecksums {
+            volume,
+            offset,
+            length,
+            region_size,
+        } => region_checksums(store, volume, offset, length, region_size).await,
+        other => MgmtReply::Refused(MgmtRefusal::Invalid {
+            reason: format!("a storage server does not serve {}", other.operation()),
+        }),
+    }
+}
+
+/// crc32c of each region of a range as this replica holds it, for `volume verify`.
+async fn region_checksums(
+    store: &Store<AnyDevice>,
+    id: VolumeId,
+    offset: u64,
+    length: u64,
+    region_size: u32,
+) -> MgmtReply {
+    let invalid = |reason: String| MgmtReply::Refused(MgmtRefusal::Invalid { reason });
+    let Some(volume) = store.volume(id) else {
+        return MgmtReply::Refused(MgmtRefusal::NotFound {
+            kind: "volume".into(),
+            name: id.to_string(),
+        });
+    };
+    let region = u64::from(region_size);
+    let record = volume.record();
+    let page = u64::from(record.page_size);
+    let end = offset.checked_add(length);
+    let valid = region_size.is_power_of_two()
+        && region >= u64::from(BLOCK_SIZE)
+        && region <= u64::from(proto::MAX_IO_LEN)
+        && offset.is_multiple_of(region)
+        && end.is_some_and(|end| end <= record.size)
+        && length.div_ceil(region) <= MAX_CHECKSUM_REGIONS;
+    let Some(end) = end.filter(|_| valid && length > 0) else {
+        return invalid(format!(
+            "range {offset}+{length} in regions of {region_size} bytes is not one this server can check"
+        ));
+    };
+    let (first, last) = (offset / page, (end - 1) / page);
+    if !record.ranges.iter().any(|(a, b)| *a <= first && last < *b) {
+        return invalid(format!("pages {first}..={last} are not held by this server"));
+    }
+    let mut sums = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let len = (end - at).min(region) as u32;
+        let _admitted = volume.hold().await;
+        let pieces = match store.read(&volume, at, len).await {
+            Ok(pieces) => pieces,
+            Err(refusal) => return invalid(refusal.message),
+        };
+        let mut sum = 0u32;
+        for bytes in pieces.iter().flat_map(piece_bytes) {
+            sum = crc32c::crc32c_append(sum, bytes);
+        }
+        sums.push(sum);
+        at += u64::from(len);
+    }
+    MgmtReply::Checksums { sums }
 }
 
 /// Bytes of zeroes to send for unwritten ranges without allocating them.
@@ -377,7 +453,7 @@ async fn serve_data_stream(
         return;
     };
     let outcome = if matches!(peer.role, Role::Client | Role::Storage) {
-        execute(&service, &request, &mut recv).await
+        execute(&service, &peer, &request, &mut recv).await
     } else {
         Err(Refusal {
             status: Status::Forbidden,
@@ -408,6 +484,7 @@ async fn serve_data_stream(
 
 async fn execute(
     service: &Service,
+    peer: &PeerIdentity,
     request: &Request,
     recv: &mut RecvStream,
 ) -> Result<(Epoch, Vec<ReadPiece>), Refusal> {
@@ -419,7 +496,7 @@ async fn execute(
         .lookup(request)
         .inspect_err(|_| service.refresh.notify_one())?;
     // Refuse before reading a payload or touching the disk...
-    store.check(&volume, request).inspect_err(|refusal| {
+    store.check(&volume, request, peer).inspect_err(|refusal| {
         if refusal.status == Status::StaleEpoch && request.epoch > refusal.epoch {
             // The client has seen a newer map than ours: fetch it now.
             service.refresh.notify_one();
@@ -452,18 +529,21 @@ async fn execute(
         None
     };
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
-    let _admitted = store.admit(&volume, request).await?;
+    let _admitted = store.admit(&volume, request, peer).await?;
     let epoch = volume.epoch();
+    let forwarded = request.flags & FLAG_REPLICA != 0;
     let pieces = match (request.opcode, payload) {
         (Opcode::Read, _) => store.read(&volume, request.offset, request.length).await?,
-        (Opcode::Write, Some(data)) => {
-            store
-                .write(&volume, request.offset, data, request.fua())
-                .await?;
+        (Opcode::Write | Opcode::Trim | Opcode::WriteZeroes, payload) => {
+            if forwarded {
+                replication::mirror_write(service, &volume, request, payload).await?;
+            } else {
+                replication::primary_write(service, &volume, request, payload).await?;
+            }
             Vec::new()
         }
-        (Opcode::Trim | Opcode::WriteZeroes, _) => {
-            store.zero(&volume, request.offset, request.length).await?;
+        (Opcode::Flush, _) if !forwarded => {
+            replication::primary_flush(service, &volume).await?;
             Vec::new()
         }
         (Opcode::Flush, _) => {
@@ -474,7 +554,7 @@ async fn execute(
             })?;
             Vec::new()
         }
-        (Opcode::Ping | Opcode::Write, _) => Vec::new(),
+        (Opcode::Ping, _) => Vec::new(),
     };
     Ok((epoch, pieces))
 }

@@ -16,14 +16,20 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use tessera_net::proto::{Epoch, MAX_VOLUME_SIZE, MgmtReply, Request, Status, VolumeId, VolumeMap};
+use tessera_net::proto::{
+    Epoch, FLAG_REPLICA, MAX_VOLUME_SIZE, MgmtReply, MirrorState, Partition, Request,
+    Role, Status, VolumeId, VolumeMap,
+};
+use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
 use tracing::{info, warn};
 
 use crate::aligned::AlignedBuf;
+use crate::bitmask::{Bitmasks, PoolFull};
 use crate::error::EngineError;
 use crate::format::{
-    self, BLOCK, Geometry, SLOTS_PER_BLOCK, SlotEntry, Superblock, SuperblockFault, VolumeRecord,
+    self, BLOCK, BitmaskBlock, Geometry, SLOTS_PER_BLOCK, SlotEntry, Superblock, SuperblockFault,
+    VOLUME_NEEDS_FULL_COPY, VolumeRecord,
 };
 use crate::io::BlockDevice;
 
@@ -64,12 +70,42 @@ pub struct Volume {
     pub id: VolumeId,
     record_index: u64,
     record: RefCell<VolumeRecord>,
+    /// The whole map slice (replica sets and states), from the management
+    /// server; `None` after a restart until it has been fetched again.
+    map: RefCell<Option<Rc<VolumeMap>>>,
     gate: RwLock<()>,
 }
 
 impl Volume {
+    fn new(id: VolumeId, record_index: u64, record: VolumeRecord) -> Self {
+        Volume {
+            id,
+            record_index,
+            record: RefCell::new(record),
+            map: RefCell::new(None),
+            gate: RwLock::new(()),
+        }
+    }
+
     pub fn epoch(&self) -> Epoch {
         self.record.borrow().epoch
+    }
+
+    /// The map slice this server enforces, once known.
+    pub fn map(&self) -> Option<Rc<VolumeMap>> {
+        self.map.borrow().clone()
+    }
+
+    /// Whether this replica was created empty and still needs a full copy.
+    pub fn needs_full_copy(&self) -> bool {
+        self.record.borrow().flags & VOLUME_NEEDS_FULL_COPY != 0
+    }
+
+    /// Hold the epoch gate shared: the epoch does not change until dropped.
+    pub async fn hold(&self) -> Admitted<'_> {
+        Admitted {
+            _gate: self.gate.read().await,
+        }
     }
 
     pub fn record(&self) -> VolumeRecord {
@@ -93,6 +129,8 @@ pub struct Store<D> {
     superblock: Superblock,
     volume_blocks: Vec<MetaBlock>,
     slot_blocks: Vec<MetaBlock>,
+    bitmask_blocks: Vec<MetaBlock>,
+    bitmasks: RefCell<Bitmasks>,
     volumes: RefCell<HashMap<VolumeId, Rc<Volume>>>,
     free_records: RefCell<BTreeSet<u64>>,
     slot_table: RefCell<Vec<SlotEntry>>,
@@ -229,15 +267,7 @@ impl<D: BlockDevice> Store<D> {
                 }
                 Ok(Some(record)) => {
                     let id = record.id;
-                    volumes.insert(
-                        id,
-                        Rc::new(Volume {
-                            id,
-                            record_index: index,
-                            record: RefCell::new(record),
-                            gate: RwLock::new(()),
-                        }),
-                    );
+                    volumes.insert(id, Rc::new(Volume::new(id, index, record)));
                 }
                 Ok(None) => {
                     free_records.insert(index);
@@ -270,6 +300,27 @@ impl<D: BlockDevice> Store<D> {
                 slot_table.extend(format::decode_slot_entries(payload, entries as usize));
             }
             first += count;
+        }
+
+        let mut bitmasks = Bitmasks::new(g.bitmask_blocks);
+        let mut bitmask_blocks = Vec::new();
+        let area = read_blocks(&dev, &path, g.bitmasks, 2 * g.bitmask_blocks).await?;
+        for pool in 0..g.bitmask_blocks {
+            let home = Geometry::copy_a(g.bitmasks, pool);
+            let (seq, payload) = choose_copy(&area, pool, home)?;
+            bitmask_blocks.push(MetaBlock {
+                seq: Cell::new(seq),
+                lock: Mutex::new(()),
+            });
+            let loaded = match BitmaskBlock::decode(payload) {
+                Ok(Some(block)) => bitmasks.load(pool, block),
+                Ok(None) => Ok(()),
+                Err(reason) => Err(reason),
+            };
+            if let Err(reason) = loaded {
+                warn!(pool, reason, "bitmask block is inconsistent");
+                return Err(EngineError::MetadataDamaged { block: home });
+            }
         }
 
         let mut chunks = HashMap::new();
@@ -306,6 +357,8 @@ impl<D: BlockDevice> Store<D> {
             superblock,
             volume_blocks,
             slot_blocks,
+            bitmask_blocks,
+            bitmasks: RefCell::new(bitmasks),
             volumes: RefCell::new(volumes),
             free_records: RefCell::new(free_records),
             slot_table: RefCell::new(slot_table),
@@ -408,6 +461,87 @@ impl<D: BlockDevice> Store<D> {
         result
     }
 
+    /// Set `regions` of `volume` for each of `peers` and make the bits
+    /// durable before returning (write-intent). Regions whose bits are
+    /// already on the device cost no metadata write.
+    pub async fn mark_dirty(
+        &self,
+        volume: VolumeId,
+        peers: &[&str],
+        regions: Range<u64>,
+    ) -> Result<(), EngineError> {
+        for peer in peers {
+            let pools = self
+                .bitmasks
+                .borrow_mut()
+                .set(volume, peer, regions.clone())
+                .map_err(|PoolFull| EngineError::BitmaskPoolFull {
+                    blocks: self.superblock.geometry.bitmask_blocks,
+                })?;
+            for pool in pools {
+                self.persist_bitmask(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clear `regions` of `volume` for `peer`, durably.
+    pub async fn clear_dirty(
+        &self,
+        volume: VolumeId,
+        peer: &str,
+        regions: &[u64],
+    ) -> Result<(), EngineError> {
+        let pools = self.bitmasks.borrow_mut().clear(volume, peer, regions);
+        for pool in pools {
+            self.persist_bitmask(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `region` is durably set for `peer`.
+    pub fn is_dirty(&self, volume: VolumeId, peer: &str, region: u64) -> bool {
+        self.bitmasks.borrow().is_durable(volume, peer, region)
+    }
+
+    /// Regions set for `peer`, ascending.
+    pub fn dirty_regions(&self, volume: VolumeId, peer: &str) -> Vec<u64> {
+        self.bitmasks.borrow().regions(volume, peer)
+    }
+
+    /// How many regions are set for `peer`.
+    pub fn dirty_count(&self, volume: VolumeId, peer: &str) -> u64 {
+        self.bitmasks.borrow().count(volume, peer)
+    }
+
+    /// Peers with bits for `volume`.
+    pub fn dirty_peers(&self, volume: VolumeId) -> Vec<String> {
+        self.bitmasks.borrow().peers(volume)
+    }
+
+    /// Bitmask pool blocks in use and in total.
+    pub fn bitmask_usage(&self) -> (u64, u64) {
+        self.bitmasks.borrow().usage()
+    }
+
+    /// Write pool block `pool` as the bitmask now is (under its lock).
+    async fn persist_bitmask(&self, pool: u64) -> Result<(), EngineError> {
+        let Some(block) = self.bitmask_blocks.get(pool as usize) else {
+            return Ok(());
+        };
+        let _lock = block.lock.lock().await;
+        let Some((payload, bits)) = self.bitmasks.borrow().snapshot(pool) else {
+            return Ok(());
+        };
+        if self.bitmasks.borrow().is_persisted(pool, &bits) {
+            return Ok(());
+        }
+        let home = Geometry::copy_a(self.superblock.geometry.bitmasks, pool);
+        self.write_meta(block, home, &payload).await?;
+        self.bitmasks.borrow_mut().persisted(pool, bits);
+        Ok(())
+    }
+
     /// Apply a map slice pushed by the management server: record the volume's
     /// epoch, size and the page ranges this server holds. Waits until requests
     /// admitted under the previous epoch have finished; returns the new epoch
@@ -420,20 +554,26 @@ impl<D: BlockDevice> Store<D> {
                 reason: format!("volume id {} or size {} is not valid", map.id, map.size),
             });
         }
-        let me = &self.superblock.server_name;
-        let ranges = owned_ranges(map, me);
-        let record = VolumeRecord {
-            id: map.id,
-            epoch: map.epoch,
-            size: map.size,
-            page_size: map.page_size,
-            ranges,
-        };
         if map.page_size == 0 || u64::from(map.page_size) % BLOCK != 0 {
             return Err(EngineError::Config {
                 reason: format!("page size {} is not a multiple of {BLOCK}", map.page_size),
             });
         }
+        let me = &self.superblock.server_name;
+        let mut record = VolumeRecord {
+            id: map.id,
+            epoch: map.epoch,
+            size: map.size,
+            page_size: map.page_size,
+            ranges: owned_ranges(map, me),
+            flags: 0,
+        };
+        let in_sync = map
+            .partitions
+            .iter()
+            .flat_map(|p| p.replicas.iter())
+            .filter(|r| &r.server == me)
+            .all(|r| r.state == MirrorState::InSync);
         if let Some(volume) = self.volume(map.id) {
             let _exclusive = volume.gate.write().await;
             let current = volume.epoch();
@@ -444,6 +584,10 @@ impl<D: BlockDevice> Store<D> {
                     pushed: map.epoch,
                 });
             }
+            // A replica that needs a full copy keeps needing it until the map says it is in sync.
+            if volume.needs_full_copy() && !in_sync {
+                record.flags |= VOLUME_NEEDS_FULL_COPY;
+            }
             // With the gate held no write is in flight: the check is exact.
             self.refuse_data_loss(&volume.record.borrow(), &record)?;
             if *volume.record.borrow() != record {
@@ -452,7 +596,13 @@ impl<D: BlockDevice> Store<D> {
                 info!(volume = %map.id, from = %current, to = %map.epoch, "epoch changed");
                 *volume.record.borrow_mut() = record;
             }
+            *volume.map.borrow_mut() = Some(Rc::new(map.clone()));
             return Ok(map.epoch);
+        }
+        // A volume new to this server, on which it is not in sync: its
+        // replicas were lost (a replaced or wiped disk) and must be copied whole.
+        if !in_sync {
+            record.flags |= VOLUME_NEEDS_FULL_COPY;
         }
         let index =
             self.free_records
@@ -465,16 +615,10 @@ impl<D: BlockDevice> Store<D> {
             self.free_records.borrow_mut().insert(index);
             return Err(e);
         }
-        info!(volume = %map.id, epoch = %map.epoch, name = %map.name, "volume assigned");
-        self.volumes.borrow_mut().insert(
-            map.id,
-            Rc::new(Volume {
-                id: map.id,
-                record_index: index,
-                record: RefCell::new(record),
-                gate: RwLock::new(()),
-            }),
-        );
+        info!(volume = %map.id, epoch = %map.epoch, name = %map.name, full_copy = !in_sync, "volume assigned");
+        let volume = Volume::new(map.id, index, record);
+        *volume.map.borrow_mut() = Some(Rc::new(map.clone()));
+        self.volumes.borrow_mut().insert(map.id, Rc::new(volume));
         Ok(map.epoch)
     }
 
@@ -491,6 +635,7 @@ impl<D: BlockDevice> Store<D> {
             size: map.size,
             page_size: map.page_size,
             ranges: owned_ranges(map, &self.superblock.server_name),
+            flags: volume.record.borrow().flags,
         };
         self.refuse_data_loss(&volume.record.borrow(), &record)
     }
@@ -532,7 +677,7 @@ impl<D: BlockDevice> Store<D> {
         })
     }
 
-    /// Forget a deleted volume: free every slot it holds, then its record.
+    /// Forget a deleted volume: free every slot and bitmask it holds, then its record.
     /// Waits for requests in flight on it; later ones get NOT_OWNER.
     pub async fn drop_volume(&self, id: VolumeId) -> Result<(), EngineError> {
         let _serial = self.map_lock.lock().await;
@@ -560,6 +705,14 @@ impl<D: BlockDevice> Store<D> {
             }
             self.chunks.borrow_mut().remove(&key);
         }
+        let pools = self.bitmasks.borrow().pool_blocks(id, None);
+        for peer in self.dirty_peers(id) {
+            let regions = self.dirty_regions(id, &peer);
+            self.bitmasks.borrow_mut().clear(id, &peer, &regions);
+        }
+        for pool in pools {
+            self.persist_bitmask(pool).await?;
+        }
         self.write_volume_block(volume.record_index, &[]).await?;
         self.volumes.borrow_mut().remove(&id);
         self.free_records.borrow_mut().insert(volume.record_index);
@@ -569,8 +722,16 @@ impl<D: BlockDevice> Store<D> {
 
     /// The checks every data request passes before any disk I/O: the volume
     /// is held, the epoch matches, the range lies inside the volume and in
-    /// pages this server holds. Does not wait; see [`Store::admit`].
-    pub fn check(&self, volume: &Volume, request: &Request) -> Result<(), Refusal> {
+    /// pages this server holds, and the sender may send it here: a client
+    /// only to the partition's primary, a forwarded (replica) request only
+    /// from that primary to an in-sync or resyncing mirror. Does not wait;
+    /// see [`Store::admit`].
+    pub fn check(
+        &self,
+        volume: &Volume,
+        request: &Request,
+        peer: &PeerIdentity,
+    ) -> Result<(), Refusal> {
         if self.failed.get() {
             return Err(Refusal::new(
                 Status::IoError,
@@ -587,6 +748,14 @@ impl<D: BlockDevice> Store<D> {
                     "request epoch {} is not the volume's {}",
                     request.epoch, record.epoch
                 ),
+            ));
+        }
+        let replica = request.flags & FLAG_REPLICA != 0;
+        if replica && peer.role != Role::Storage {
+            return Err(Refusal::new(
+                Status::Forbidden,
+                record.epoch,
+                format!("role {} may not send replica requests", peer.role),
             ));
         }
         if !request.opcode.has_range() {
@@ -612,6 +781,42 @@ impl<D: BlockDevice> Store<D> {
                 format!("pages {first}..={last} are not held by this server"),
             ));
         }
+        let Some(map) = volume.map() else {
+            return Err(Refusal::new(
+                Status::Unavailable,
+                record.epoch,
+                "this server is fetching the volume's map after a restart",
+            ));
+        };
+        let me = &self.superblock.server_name;
+        let Some(partition) = partition_of(&map, first).filter(|p| last < p.end_page) else {
+            return Err(Refusal::new(
+                Status::NotOwner,
+                record.epoch,
+                format!("pages {first}..={last} are not one partition"),
+            ));
+        };
+        let primary = partition.replicas.first().map(|r| r.server.as_str());
+        if replica {
+            let mirror = partition.replicas.iter().skip(1).find(|r| &r.server == me);
+            let receiving = mirror.is_some_and(|r| r.state != MirrorState::OutOfSync);
+            if primary != Some(peer.name.as_str()) || !receiving {
+                return Err(Refusal::new(
+                    Status::NotOwner,
+                    record.epoch,
+                    format!(
+                        "{} is not the primary of pages {first}..={last}, or this mirror is out of sync",
+                        peer.name
+                    ),
+                ));
+            }
+        } else if primary != Some(me.as_str()) {
+            return Err(Refusal::new(
+                Status::NotOwner,
+                record.epoch,
+                format!("this server is not the primary of pages {first}..={last}"),
+            ));
+        }
         Ok(())
     }
 
@@ -632,9 +837,10 @@ impl<D: BlockDevice> Store<D> {
         &self,
         volume: &'v Volume,
         request: &Request,
+        peer: &PeerIdentity,
     ) -> Result<Admitted<'v>, Refusal> {
         let gate = volume.gate.read().await;
-        self.check(volume, request)?;
+        self.check(volume, request, peer)?;
         Ok(Admitted { _gate: gate })
     }
 
@@ -886,6 +1092,13 @@ fn choose_copy(area: &[u8], index: u64, home: u64) -> Result<(u64, &[u8]), Engin
         format::decode_meta(block(1), home, 1),
     )
     .ok_or(EngineError::MetadataDamaged { block: home })
+}
+
+/// The partition holding `page`.
+pub fn partition_of(map: &VolumeMap, page: u64) -> Option<&Partition> {
+    map.partitions
+        .iter()
+        .find(|p| p.first_page <= page && page < p.end_page)
 }
 
 /// The page ranges of `map` that `server` holds a replica of, merged and sorted.

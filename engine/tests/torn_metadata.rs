@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tessera_engine::EngineError;
 use tessera_engine::aligned::AlignedBuf;
-use tessera_engine::format::{BLOCK, DEFAULT_SLOT_SIZE, Geometry, Superblock};
+use tessera_engine::format::{BLOCK, DEFAULT_SLOT_SIZE, DEFAULT_REGION_SIZE, Geometry, Superblock};
 use tessera_engine::io::{BlockDevice, StdDevice, UringDevice};
 use tessera_engine::store::{self, Store};
 use tessera_net::proto::{Epoch, MirrorState, Partition, Replica, VolumeId, VolumeMap};
@@ -22,10 +22,11 @@ fn data_file() -> (tempfile::TempDir, PathBuf) {
 
 fn superblock() -> Superblock {
     Superblock {
-        geometry: Geometry::compute(SIZE, DEFAULT_SLOT_SIZE, 16).unwrap(),
+        geometry: Geometry::compute(SIZE, DEFAULT_SLOT_SIZE, DEFAULT_REGION_SIZE, 16).unwrap(),
         cluster_id: [1; 32],
         server_name: "store-1".into(),
         created_unix: 0,
+        incarnation: 1,
     }
 }
 

@@ -126,6 +126,7 @@ mod tests {
                 name: "s1".into(),
                 data_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
                 capacity: 1 << 30,
+                incarnation: 9,
             },
             Command::CreateVolume {
                 name: "v".into(),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tessera_net::proto::{
-    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, Refusal, Role, ServerStatus,
-    VolumeId, VolumeMap,
+    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, MirrorReport, MirrorState,
+    Refusal, Role, ServerStatus, VolumeId, VolumeMap,
 };
 use tessera_net::quic::{
     Alpn, Connector, Endpoint, PeerConnection, PeerIdentity, TlsPaths, TransportTuning,
@@ -85,6 +85,9 @@ struct Manager {
     held: HashMap<String, HashMap<VolumeId, Epoch>>,
     heartbeat_timeout: Duration,
     push_timeout: Duration,
+    /// The latest mirror report of each storage server (monitor), with its
+    /// resync byte counter.
+    mirror_reports: HashMap<String, (Vec<MirrorReport>, u64)>,
 }
 
 /// Bind, announce, and serve until `shutdown` resolves.
@@ -110,6 +113,7 @@ pub async fn run(
         held: HashMap::new(),
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
         push_timeout: Duration::from_millis(config.push_timeout_ms),
+        mirror_reports: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::channel::<Request>(1024);
     tokio::spawn(accept_loop(endpoint.clone(), tx, last_seen));
@@ -118,10 +122,24 @@ pub async fn run(
     loop {
         tokio::select! {
             Some(request) = rx.recv() => {
+                if let MgmtRequest::MirrorFailed { volume, epoch, first_page, server } = request.request {
+                    // Answered once durable, before the push: the primary that
+                    // asks holds writes back until then, and the push to it
+                    // waits for those writes.
+                    let (reply, pending) = manager.mirror_failed(&request.peer, volume, epoch, first_page, &server);
+                    let _ = request.reply.send(reply);
+                    if let Some(outcome) = pending {
+                        manager.propagate(outcome).await;
+                    }
+                    continue;
+                }
                 let reply = manager.handle(&request.peer, request.request).await;
                 let _ = request.reply.send(reply);
             }
-            _ = tick.tick() => manager.check_heartbeats().await,
+            _ = tick.tick() => {
+                manager.check_heartbeats().await;
+                manager.start_resyncs().await;
+            }
             () = &mut shutdown => break,
         }
     }
@@ -202,7 +220,27 @@ impl Manager {
             MgmtRequest::Register {
                 data_addr,
                 capacity,
-            } => self.register(peer, data_addr, capacity).await,
+                incarnation,
+            } => self.register(peer, data_addr, capacity, incarnation).await,
+            MgmtRequest::ResyncDone {
+                volume,
+                epoch,
+                first_page,
+                server,
+            } => self.resync_done(peer, volume, epoch, first_page, server).await,
+            MgmtRequest::ReportMirrors {
+                mut mirrors,
+                resynced_bytes,
+            } => {
+                for m in &mut mirrors {
+                    m.reporter = peer.name.clone();
+                }
+                self.mirror_reports
+                    .insert(peer.name.clone(), (mirrors, resynced_bytes));
+                Ok(MgmtReply::Applied {
+                    epoch: self.state.epoch,
+                })
+            }
             MgmtRequest::Heartbeat { held } => self.heartbeat(peer, held).await,
             MgmtRequest::GetMap { volume } => self
                 .state
@@ -219,9 +257,15 @@ impl Manager {
                     .await
                     .map(|epoch| MgmtReply::Applied { epoch })
             }
+            MgmtRequest::MirrorFailed { .. } => Err(Refusal::Invalid {
+                reason: "mirror failures are handled by the service loop".into(),
+            }),
             other @ (MgmtRequest::PushMap { .. }
             | MgmtRequest::CheckMap { .. }
-            | MgmtRequest::DropVolume { .. }) => Err(Refusal::Invalid {
+            | MgmtRequest::DropVolume { .. }
+            | MgmtRequest::DirtyRegions { .. }
+            | MgmtRequest::Clean { .. }
+            | MgmtRequest::RegionChecksums { .. }) => Err(Refusal::Invalid {
                 reason: format!("a management server does not serve {}", other.operation()),
             }),
         };
@@ -236,19 +280,21 @@ impl Manager {
         peer: &PeerIdentity,
         data_addr: SocketAddr,
         capacity: u64,
+        incarnation: u64,
     ) -> Result<MgmtReply, Refusal> {
         lock(&self.last_seen).insert(peer.name.clone(), Instant::now());
-        let unchanged = self
-            .state
-            .servers
-            .get(&peer.name)
-            .is_some_and(|s| s.up && s.data_addr == data_addr && s.capacity == capacity);
+        let unchanged = self.state.servers.get(&peer.name).is_some_and(|s| {
+            s.up && s.data_addr == data_addr
+                && s.capacity == capacity
+                && s.incarnation == incarnation
+        });
         if !unchanged {
-            info!(server = %peer.name, %data_addr, capacity, "registering");
+            info!(server = %peer.name, %data_addr, capacity, incarnation, "registering");
             self.execute(Command::RegisterServer {
                 name: peer.name.clone(),
                 data_addr,
                 capacity,
+                incarnation,
             })
             .await?;
         }
@@ -330,8 +376,16 @@ impl Manager {
                         capacity: s.capacity,
                         up: s.up,
                         held,
+                        resynced_bytes: self.mirror_reports.get(name).map_or(0, |r| r.1),
                     }
                 })
+                .collect(),
+            mirrors: self
+                .state
+                .servers
+                .keys()
+                .filter_map(|name| self.mirror_reports.get(name))
+                .flat_map(|(reports, _)| reports.iter().cloned())
                 .collect(),
             volumes: self
                 .state
@@ -663,6 +717,163 @@ impl Manager {
             }
         }
         (failed, would_lose)
+    }
+
+    /// The partition of `volume` at `first_page`, if `reporter` is its primary.
+    fn led_by(
+        &self,
+        reporter: &str,
+        volume: VolumeId,
+        first_page: u64,
+    ) -> Result<(String, &crate::state::PartitionRecord, Epoch), Refusal> {
+        let name = self
+            .state
+            .volume_by_id(volume)
+            .ok_or_else(|| Refusal::NotFound {
+                kind: "volume".into(),
+                name: volume.to_string(),
+            })?;
+        let record = &self.state.volumes[name];
+        let partition = record
+            .partitions
+            .iter()
+            .find(|p| p.first_page == first_page)
+            .filter(|p| p.replicas.first().is_some_and(|r| r.server == reporter))
+            .ok_or_else(|| Refusal::Invalid {
+                reason: format!("{reporter} is not the primary of {name} pages {first_page}.."),
+            })?;
+        Ok((name.to_string(), partition, record.epoch))
+    }
+
+    /// A primary could not forward to `server`: record it out of sync.
+    /// Returns the answer and the change still to be pushed.
+    fn mirror_failed(
+        &mut self,
+        peer: &PeerIdentity,
+        volume: VolumeId,
+        epoch: Epoch,
+        first_page: u64,
+        server: &str,
+    ) -> (MgmtReply, Option<Outcome>) {
+        let refused = |r: Refusal| (MgmtReply::Refused(r), None);
+        if peer.role != Role::Storage {
+            return refused(Refusal::Forbidden {
+                role: peer.role,
+                operation: "mirror-failed".into(),
+            });
+        }
+        let (name, partition, current) = match self.led_by(&peer.name, volume, first_page) {
+            Ok(found) => found,
+            Err(r) => return refused(r),
+        };
+        let Some(replica) = partition.replicas.iter().skip(1).find(|r| r.server == server) else {
+            return refused(Refusal::NotFound {
+                kind: "mirror".into(),
+                name: server.to_string(),
+            });
+        };
+        if replica.state == MirrorState::OutOfSync {
+            // Already on record (another write reported it first).
+            return (MgmtReply::Applied { epoch: current }, None);
+        }
+        if epoch != current {
+            return refused(Refusal::StaleEpoch {
+                request: epoch,
+                current,
+            });
+        }
+        warn!(volume = %name, first_page, mirror = server, primary = %peer.name, "mirror missed a write: out of sync");
+        match self.commit(&Command::SetMirrorState {
+            volume: name,
+            first_page,
+            server: server.to_string(),
+            state: MirrorState::OutOfSync,
+        }) {
+            Ok(outcome) => (
+                MgmtReply::Applied {
+                    epoch: outcome.epoch,
+                },
+                Some(outcome),
+            ),
+            Err(r) => refused(r),
+        }
+    }
+
+    /// A primary finished copying to a resyncing mirror: it is in sync.
+    async fn resync_done(
+        &mut self,
+        peer: &PeerIdentity,
+        volume: VolumeId,
+        epoch: Epoch,
+        first_page: u64,
+        server: String,
+    ) -> Result<MgmtReply, Refusal> {
+        let (name, partition, current) = self.led_by(&peer.name, volume, first_page)?;
+        let resyncing = partition
+            .replicas
+            .iter()
+            .any(|r| r.server == server && r.state == MirrorState::Resyncing);
+        if !resyncing {
+            return Err(Refusal::Invalid {
+                reason: format!("{server} is not resyncing {name} pages {first_page}.."),
+            });
+        }
+        if epoch != current {
+            return Err(Refusal::StaleEpoch {
+                request: epoch,
+                current,
+            });
+        }
+        info!(volume = %name, first_page, mirror = %server, "resync done: in sync");
+        let epoch = self
+            .execute(Command::SetMirrorState {
+                volume: name,
+                first_page,
+                server,
+                state: MirrorState::InSync,
+            })
+            .await?;
+        Ok(MgmtReply::Applied { epoch })
+    }
+
+    /// Start resyncing every out-of-sync mirror that is back, where the
+    /// partition's primary is up and in sync to copy from.
+    async fn start_resyncs(&mut self) {
+        let now = Instant::now();
+        let fresh = |name: &str| {
+            lock(&self.last_seen)
+                .get(name)
+                .is_some_and(|t| now.duration_since(*t) < self.heartbeat_timeout)
+        };
+        let up = |name: &str| self.state.servers.get(name).is_some_and(|s| s.up);
+        let mut due = Vec::new();
+        for (name, volume) in &self.state.volumes {
+            for p in &volume.partitions {
+                let Some(primary) = p.replicas.first() else {
+                    continue;
+                };
+                if primary.state != MirrorState::InSync || !up(&primary.server) {
+                    continue;
+                }
+                for r in p.replicas.iter().skip(1) {
+                    if r.state == MirrorState::OutOfSync && up(&r.server) && fresh(&r.server) {
+                        due.push((name.clone(), p.first_page, r.server.clone()));
+                    }
+                }
+            }
+        }
+        for (volume, first_page, server) in due {
+            info!(%volume, first_page, mirror = %server, "mirror is back: resyncing");
+            let command = Command::SetMirrorState {
+                volume,
+                first_page,
+                server,
+                state: MirrorState::Resyncing,
+            };
+            if let Err(refusal) = self.execute(command).await {
+                debug!(%refusal, "resync not started");
+            }
+        }
     }
 
     async fn check_heartbeats(&mut self) {

@@ -23,6 +23,8 @@ pub struct ServerRecord {
     pub data_addr: SocketAddr,
     pub capacity: u64,
     pub up: bool,
+    /// Random per format of the server's disk; a change means its data is gone.
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,10 +68,13 @@ impl VolumeRecord {
 /// A change to the configuration map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// A server registers; one whose disk has a new incarnation lost its
+    /// replicas, which go out of sync (and need a full copy).
     RegisterServer {
         name: String,
         data_addr: SocketAddr,
         capacity: u64,
+        incarnation: u64,
     },
     MarkServer {
         name: String,
@@ -177,6 +182,38 @@ impl ClusterState {
             .collect()
     }
 
+    /// `server` no longer takes writes (it is down, or its disk was wiped):
+    /// wherever another replica is in sync on a server that is up, its
+    /// replica goes out of sync, and if it was the primary that replica is
+    /// promoted. A partition with no such replica keeps its layout: it waits
+    /// for this server, which holds every write it acknowledged.
+    fn lose_replicas(&mut self, server: &str) {
+        let up: BTreeSet<String> = self
+            .servers
+            .iter()
+            .filter(|(_, r)| r.up)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for volume in self.volumes.values_mut() {
+            for p in &mut volume.partitions {
+                let Some(at) = p.replicas.iter().position(|r| r.server == server) else {
+                    continue;
+                };
+                let successor = p.replicas.iter().position(|r| {
+                    r.server != server && r.state == MirrorState::InSync && up.contains(&r.server)
+                });
+                let Some(successor) = successor else {
+                    continue;
+                };
+                p.replicas[at].state = MirrorState::OutOfSync;
+                if at == 0 {
+                    let promoted = p.replicas.remove(successor);
+                    p.replicas.insert(0, promoted);
+                }
+            }
+        }
+    }
+
     fn mark_changed(&self, outcome: &mut Outcome, volume: &str, old_servers: BTreeSet<String>) {
         let mut servers = old_servers;
         if let Some(v) = self.volumes.get(volume) {
@@ -195,16 +232,27 @@ impl ClusterState {
                 name,
                 data_addr,
                 capacity,
+                incarnation,
             } => {
                 let record = ServerRecord {
                     data_addr: *data_addr,
                     capacity: *capacity,
                     up: true,
+                    incarnation: *incarnation,
                 };
-                if self.servers.get(name) == Some(&record) {
+                let previous = self.servers.get(name).cloned();
+                if previous.as_ref() == Some(&record) {
                     return Err(invalid(format!(
                         "server {name} is already registered as it is"
                     )));
+                }
+                let wiped = previous.is_some_and(|p| p.incarnation != *incarnation);
+                if wiped {
+                    // Its data is gone: not a copy of anything any more.
+                    if let Some(server) = self.servers.get_mut(name) {
+                        server.up = false;
+                    }
+                    self.lose_replicas(name);
                 }
                 self.servers.insert(name.clone(), record);
                 for volume in self.volumes_on(name) {
@@ -223,6 +271,9 @@ impl ClusterState {
                     )));
                 }
                 server.up = *up;
+                if !*up {
+                    self.lose_replicas(name);
+                }
                 for volume in self.volumes_on(name) {
                     self.mark_changed(outcome, &volume, BTreeSet::new());
                 }
@@ -394,17 +445,29 @@ impl ClusterState {
                     .volumes
                     .get_mut(name)
                     .ok_or_else(|| not_found("volume", name))?;
-                let replica = volume
+                let partition = volume
                     .partitions
                     .iter_mut()
-                    .find(|p| p.first_page == *first_page)
-                    .and_then(|p| p.replicas.iter_mut().find(|r| &r.server == server))
-                    .ok_or_else(|| {
-                        not_found(
-                            "replica",
-                            &format!("{name} pages {first_page}.. on {server}"),
-                        )
-                    })?;
+                    .find(|p| p.first_page == *first_page);
+                let missing = || {
+                    not_found(
+                        "replica",
+                        &format!("{name} pages {first_page}.. on {server}"),
+                    )
+                };
+                let partition = partition.ok_or_else(missing)?;
+                if partition.replicas.first().is_some_and(|r| &r.server == server)
+                    && *state != MirrorState::InSync
+                {
+                    return Err(invalid(format!(
+                        "{server} is the primary of {name} pages {first_page}..: it holds every acknowledged write"
+                    )));
+                }
+                let replica = partition
+                    .replicas
+                    .iter_mut()
+                    .find(|r| &r.server == server)
+                    .ok_or_else(missing)?;
                 if replica.state == *state {
                     return Err(invalid(format!("replica is already {state:?}")));
                 }

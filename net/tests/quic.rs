@@ -207,6 +207,7 @@ async fn roles_are_enforced_on_first_request() {
     let register = MgmtRequest::Register {
         data_addr: server.addr,
         capacity: 1 << 30,
+        incarnation: 1,
     };
 
     let app = identity(&ca, Role::Client, "app-1");

@@ -12,6 +12,7 @@ fn register(state: &mut ClusterState, name: &str, port: u16) -> Outcome {
             name: name.into(),
             data_addr: SocketAddr::from(([127, 0, 0, 1], port)),
             capacity: 1 << 40,
+            incarnation: 1,
         })
         .unwrap()
 }
@@ -189,6 +190,7 @@ fn refusals_change_nothing() {
             name: "s1".into(),
             data_addr: before.servers["s1"].data_addr,
             capacity: before.servers["s1"].capacity,
+            incarnation: before.servers["s1"].incarnation,
         },
     ];
     for command in refused {
@@ -269,6 +271,100 @@ fn mirror_state_changes_bump_the_volume_epoch() {
     assert!(s.apply(&missing).is_err());
 }
 
+fn replicas(s: &ClusterState, volume: &str) -> Vec<(String, MirrorState)> {
+    s.volumes[volume].partitions[0]
+        .replicas
+        .iter()
+        .map(|r| (r.server.clone(), r.state))
+        .collect()
+}
+
+#[test]
+fn losing_a_primary_promotes_an_in_sync_mirror() {
+    let mut s = three_servers();
+    s.apply(&create("v", 4 * MIB, 2)).unwrap();
+    let before = replicas(&s, "v");
+    let (primary, mirror) = (before[0].0.clone(), before[1].0.clone());
+    let out = s
+        .apply(&Command::MarkServer {
+            name: primary.clone(),
+            up: false,
+        })
+        .unwrap();
+    assert_eq!(s.volumes["v"].epoch, out.epoch, "a promotion is an epoch bump");
+    assert_eq!(
+        replicas(&s, "v"),
+        vec![
+            (mirror.clone(), MirrorState::InSync),
+            (primary.clone(), MirrorState::OutOfSync)
+        ]
+    );
+    // Coming back does not make it a copy again: that takes a resync.
+    s.apply(&Command::MarkServer {
+        name: primary.clone(),
+        up: true,
+    })
+    .unwrap();
+    assert_eq!(replicas(&s, "v")[1], (primary, MirrorState::OutOfSync));
+}
+
+#[test]
+fn losing_the_last_in_sync_replica_keeps_the_layout() {
+    let mut s = three_servers();
+    s.apply(&create("v", 4 * MIB, 2)).unwrap();
+    let before = replicas(&s, "v");
+    for (name, _) in before.iter().rev() {
+        s.apply(&Command::MarkServer {
+            name: name.clone(),
+            up: false,
+        })
+        .unwrap();
+    }
+    // The mirror went out of sync first; the primary, down too, still holds
+    // every acknowledged write, so the partition waits for it.
+    assert_eq!(
+        replicas(&s, "v"),
+        vec![
+            (before[0].0.clone(), MirrorState::InSync),
+            (before[1].0.clone(), MirrorState::OutOfSync)
+        ]
+    );
+}
+
+#[test]
+fn a_wiped_disk_puts_its_replicas_out_of_sync() {
+    let mut s = three_servers();
+    s.apply(&create("v", 4 * MIB, 2)).unwrap();
+    let before = replicas(&s, "v");
+    let primary = before[0].0.clone();
+    let record = s.servers[&primary].clone();
+    s.apply(&Command::RegisterServer {
+        name: primary.clone(),
+        data_addr: record.data_addr,
+        capacity: record.capacity,
+        incarnation: record.incarnation + 1,
+    })
+    .unwrap();
+    assert_eq!(replicas(&s, "v")[1], (primary.clone(), MirrorState::OutOfSync));
+    assert!(s.servers[&primary].up, "registered, so up");
+}
+
+#[test]
+fn the_primary_cannot_be_marked_out_of_sync() {
+    let mut s = three_servers();
+    s.apply(&create("v", 4 * MIB, 2)).unwrap();
+    let primary = replicas(&s, "v")[0].0.clone();
+    let err = s
+        .apply(&Command::SetMirrorState {
+            volume: "v".into(),
+            first_page: 0,
+            server: primary,
+            state: MirrorState::OutOfSync,
+        })
+        .unwrap_err();
+    assert!(matches!(err, Refusal::Invalid { .. }), "{err}");
+}
+
 #[test]
 fn shrink_truncates_partitions() {
     let mut s = three_servers();
@@ -347,8 +443,11 @@ fn arb_command() -> impl Strategy<Value = Command> {
             name,
             data_addr: SocketAddr::from(([127, 0, 0, 1], port)),
             capacity: 1 << 30,
+            incarnation: u64::from(port % 2),
         }),
         (server.clone(), any::<bool>()).prop_map(|(name, up)| Command::MarkServer { name, up }),
+        (volume.clone(), 0u64..8, server.clone(), prop::sample::select(vec![MirrorState::InSync, MirrorState::OutOfSync, MirrorState::Resyncing]))
+            .prop_map(|(volume, first_page, server, state)| Command::SetMirrorState { volume, first_page, server, state }),
         (server, any::<bool>()).prop_map(|(name, force)| Command::RemoveServer { name, force }),
         (volume.clone(), 1u64..64, 1u8..4).prop_map(|(name, mib, replicas)| create(
             &name,
@@ -404,6 +503,14 @@ proptest! {
                     next = p.end_page;
                     let distinct: BTreeSet<_> = p.replicas.iter().map(|r| &r.server).collect();
                     prop_assert_eq!(distinct.len(), p.replicas.len());
+                    // The primary holds every acknowledged write: it is never a
+                    // replica known to lack some while an in-sync one is up.
+                    if let Some(primary) = p.replicas.first() {
+                        let up_in_sync = p.replicas.iter().any(|r| {
+                            r.state == MirrorState::InSync && s.servers.get(&r.server).is_some_and(|x| x.up)
+                        });
+                        prop_assert!(primary.state == MirrorState::InSync || !up_in_sync, "{:?}", p);
+                    }
                 }
                 prop_assert_eq!(next, v.pages());
             }

@@ -32,7 +32,13 @@ pub const REPLY_HEADER_LEN: usize = 32;
 
 /// Force unit access: the write is durable when acknowledged.
 pub const FLAG_FUA: u8 = 0x01;
-const KNOWN_FLAGS: u8 = FLAG_FUA;
+/// Forwarded by a partition's primary to a mirror: apply here, do not forward
+/// (storage role only).
+pub const FLAG_REPLICA: u8 = 0x02;
+/// With [`FLAG_REPLICA`]: a resync copy of the primary's version of a region,
+/// not a client write.
+pub const FLAG_RESYNC: u8 = 0x04;
+const KNOWN_FLAGS: u8 = FLAG_FUA | FLAG_REPLICA | FLAG_RESYNC;
 
 /// A volume's identity, assigned by the management server.
 #[derive(

@@ -148,6 +148,33 @@ pub struct ServerStatus {
     pub up: bool,
     /// The epochs it last reported holding, per volume.
     pub held: Vec<(VolumeId, Epoch)>,
+    /// Bytes it has copied to mirrors by resync since it started.
+    pub resynced_bytes: u64,
+}
+
+/// Progress of a resync, as its primary reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// Regions to copy when the resync (re)started, and copied since.
+    pub total_regions: u64,
+    pub copied_regions: u64,
+    /// Copy rate over the resync so far.
+    pub bytes_per_sec: u64,
+}
+
+/// A primary's view of one mirror of one partition: what its bitmask holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorReport {
+    /// The reporting server (the partition's primary); set by the management server.
+    pub reporter: String,
+    pub volume: VolumeId,
+    pub first_page: u64,
+    /// The mirror.
+    pub peer: String,
+    /// Regions the mirror may lack the primary's version of.
+    pub dirty_regions: u64,
+    pub region_size: u32,
+    pub resync: Option<ResyncProgress>,
 }
 
 /// The whole configuration map, for `tessera status` and listings.
@@ -156,6 +183,8 @@ pub struct ClusterStatus {
     pub epoch: Epoch,
     pub servers: Vec<ServerStatus>,
     pub volumes: Vec<VolumeMap>,
+    /// The latest bitmask reports of every primary.
+    pub mirrors: Vec<MirrorReport>,
 }
 
 /// A request to a management server.
@@ -167,6 +196,9 @@ pub enum MgmtRequest {
     Register {
         data_addr: SocketAddr,
         capacity: u64,
+        /// Random per format of its disk: a new value means the disk was
+        /// replaced or wiped and its replicas need a full copy.
+        incarnation: u64,
     },
     /// A storage server reports that it is alive and which epochs it holds.
     Heartbeat { held: Vec<(VolumeId, Epoch)> },
@@ -186,6 +218,62 @@ pub enum MgmtRequest {
     CheckMap { map: VolumeMap },
     /// Management server to storage server: the volume was deleted; free its data.
     DropVolume { id: VolumeId },
+    /// A primary could not forward a write to `server`, its mirror of the
+    /// partition at `first_page`: mark it out of sync. Answered once that is
+    /// durable, so the primary may then acknowledge the write.
+    MirrorFailed {
+        volume: VolumeId,
+        epoch: Epoch,
+        first_page: u64,
+        server: String,
+    },
+    /// A primary finished resyncing `server`: mark it in sync.
+    ResyncDone {
+        volume: VolumeId,
+        epoch: Epoch,
+        first_page: u64,
+        server: String,
+    },
+    /// A storage server's bitmask counts and resync progress, for the monitor.
+    ReportMirrors {
+        mirrors: Vec<MirrorReport>,
+        resynced_bytes: u64,
+    },
+    /// Storage server to storage server: the regions of `volume` you hold
+    /// bits for `peer` in (answered with `Regions`).
+    DirtyRegions { volume: VolumeId, peer: String },
+    /// Storage server to storage server: `regions` are equal on every replica
+    /// named in `peers`; clear your bits for them.
+    Clean {
+        volume: VolumeId,
+        peers: Vec<String>,
+        regions: Vec<(u64, u64)>,
+        /// The sender's region size (the unit of `regions`).
+        region_size: u32,
+    },
+    /// Admin to storage server: crc32c of each region of
+    /// `[offset, offset + length)` as this replica holds it (`Checksums`).
+    RegionChecksums {
+        volume: VolumeId,
+        offset: u64,
+        length: u64,
+        region_size: u32,
+    },
+}
+
+/// The most regions one `RegionChecksums` request covers.
+pub const MAX_CHECKSUM_REGIONS: u64 = 16_384;
+
+/// Sorted region numbers as runs `[first, end)`.
+pub fn region_runs(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for r in sorted {
+        match runs.last_mut() {
+            Some(last) if last.1 == *r => last.1 = r + 1,
+            _ => runs.push((*r, r + 1)),
+        }
+    }
+    runs
 }
 
 impl MgmtRequest {
@@ -201,6 +289,12 @@ impl MgmtRequest {
             MgmtRequest::PushMap { .. } => "push-map",
             MgmtRequest::DropVolume { .. } => "drop-volume",
             MgmtRequest::CheckMap { .. } => "check-map",
+            MgmtRequest::MirrorFailed { .. } => "mirror-failed",
+            MgmtRequest::ResyncDone { .. } => "resync-done",
+            MgmtRequest::ReportMirrors { .. } => "report-mirrors",
+            MgmtRequest::DirtyRegions { .. } => "dirty-regions",
+            MgmtRequest::Clean { .. } => "clean",
+            MgmtRequest::RegionChecksums { .. } => "region-checksums",
         }
     }
 
@@ -208,7 +302,14 @@ impl MgmtRequest {
     pub fn permits(&self, role: Role) -> bool {
         match self {
             MgmtRequest::Ping => true,
-            MgmtRequest::Register { .. } | MgmtRequest::Heartbeat { .. } => role == Role::Storage,
+            MgmtRequest::Register { .. }
+            | MgmtRequest::Heartbeat { .. }
+            | MgmtRequest::MirrorFailed { .. }
+            | MgmtRequest::ResyncDone { .. }
+            | MgmtRequest::ReportMirrors { .. }
+            | MgmtRequest::DirtyRegions { .. }
+            | MgmtRequest::Clean { .. } => role == Role::Storage,
+            MgmtRequest::RegionChecksums { .. } => role == Role::Admin,
             MgmtRequest::GetMap { .. } => true,
             MgmtRequest::Admin(_) => role == Role::Admin,
             MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
@@ -239,6 +340,9 @@ pub enum Refusal {
     /// The change would drop written data (moving data is not supported yet).
     #[error("{detail}")]
     WouldLoseData { detail: String },
+    /// The request's epoch is not the current one.
+    #[error("epoch {request} is not the current {current}")]
+    StaleEpoch { request: Epoch, current: Epoch },
 }
 
 /// A management server's answer.
@@ -264,6 +368,14 @@ pub enum MgmtReply {
     },
     Status(ClusterStatus),
     Refused(Refusal),
+    /// Answer to `DirtyRegions`: `all` when this replica must be copied whole.
+    Regions {
+        all: bool,
+        regions: Vec<(u64, u64)>,
+        region_size: u32,
+    },
+    /// Answer to `RegionChecksums`, one per region.
+    Checksums { sums: Vec<u32> },
 }
 
 /// Encode `message` as one frame.

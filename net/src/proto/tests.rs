@@ -174,6 +174,7 @@ fn all_requests() -> Vec<MgmtRequest> {
         MgmtRequest::Register {
             data_addr: "10.0.0.1:9000".parse().unwrap(),
             capacity: 1 << 40,
+            incarnation: 77,
         },
         MgmtRequest::Heartbeat {
             held: vec![(VolumeId(1), Epoch(2))],
@@ -205,7 +206,55 @@ fn all_requests() -> Vec<MgmtRequest> {
         MgmtRequest::PushMap { map: sample_map() },
         MgmtRequest::CheckMap { map: sample_map() },
         MgmtRequest::DropVolume { id: VolumeId(4) },
+        MgmtRequest::MirrorFailed {
+            volume: VolumeId(4),
+            epoch: Epoch(8),
+            first_page: 16,
+            server: s("b"),
+        },
+        MgmtRequest::ResyncDone {
+            volume: VolumeId(4),
+            epoch: Epoch(9),
+            first_page: 16,
+            server: s("b"),
+        },
+        MgmtRequest::ReportMirrors {
+            mirrors: vec![sample_report()],
+            resynced_bytes: 1 << 20,
+        },
+        MgmtRequest::DirtyRegions {
+            volume: VolumeId(4),
+            peer: s("a"),
+        },
+        MgmtRequest::Clean {
+            volume: VolumeId(4),
+            peers: vec![s("a"), s("b")],
+            regions: vec![(0, 4), (9, 10)],
+            region_size: 65536,
+        },
+        MgmtRequest::RegionChecksums {
+            volume: VolumeId(4),
+            offset: 0,
+            length: 1 << 20,
+            region_size: 65536,
+        },
     ]
+}
+
+fn sample_report() -> MirrorReport {
+    MirrorReport {
+        reporter: "a".into(),
+        volume: VolumeId(4),
+        first_page: 16,
+        peer: "b".into(),
+        dirty_regions: 12,
+        region_size: 65536,
+        resync: Some(ResyncProgress {
+            total_regions: 12,
+            copied_regions: 3,
+            bytes_per_sec: 1 << 24,
+        }),
+    }
 }
 
 fn all_replies() -> Vec<MgmtReply> {
@@ -228,8 +277,10 @@ fn all_replies() -> Vec<MgmtReply> {
                 capacity: 1 << 30,
                 up: true,
                 held: vec![(VolumeId(3), Epoch(9))],
+                resynced_bytes: 4096,
             }],
             volumes: vec![sample_map()],
+            mirrors: vec![sample_report()],
         }),
         MgmtReply::Refused(Refusal::Forbidden {
             role: Role::Client,
@@ -255,7 +306,25 @@ fn all_replies() -> Vec<MgmtReply> {
         MgmtReply::Refused(Refusal::WouldLoseData {
             detail: s("pages 1, 2"),
         }),
+        MgmtReply::Refused(Refusal::StaleEpoch {
+            request: Epoch(3),
+            current: Epoch(4),
+        }),
+        MgmtReply::Regions {
+            all: false,
+            regions: vec![(3, 5)],
+            region_size: 65536,
+        },
+        MgmtReply::Checksums {
+            sums: vec![1, 2, 3],
+        },
     ]
+}
+
+#[test]
+fn region_runs_merge_neighbours() {
+    assert_eq!(region_runs(&[]), vec![]);
+    assert_eq!(region_runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 4), (7, 8), (9, 11)]);
 }
 
 #[test]
@@ -278,9 +347,14 @@ fn role_policy() {
         for role in Role::ALL {
             let expected = match &request {
                 MgmtRequest::Ping | MgmtRequest::GetMap { .. } => true,
-                MgmtRequest::Register { .. } | MgmtRequest::Heartbeat { .. } => {
-                    role == Role::Storage
-                }
+                MgmtRequest::Register { .. }
+                | MgmtRequest::Heartbeat { .. }
+                | MgmtRequest::MirrorFailed { .. }
+                | MgmtRequest::ResyncDone { .. }
+                | MgmtRequest::ReportMirrors { .. }
+                | MgmtRequest::DirtyRegions { .. }
+                | MgmtRequest::Clean { .. } => role == Role::Storage,
+                MgmtRequest::RegionChecksums { .. } => role == Role::Admin,
                 MgmtRequest::Admin(_) => role == Role::Admin,
                 MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
                 MgmtRequest::PushMap { .. }

@@ -423,6 +423,20 @@ impl Connector {
         Ok(kept)
     }
 
+    /// Close and drop the connection to `addr` (its peer stopped answering),
+    /// so that the next `get` dials afresh.
+    pub fn forget(&self, addr: SocketAddr) {
+        let mut dropped = None;
+        self.connections.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            dropped = next.remove(&addr);
+            next
+        });
+        if let Some(conn) = dropped {
+            conn.close();
+        }
+    }
+
     fn cached(&self, addr: SocketAddr, name: &str) -> Option<PeerConnection> {
         self.connections
             .load()

@@ -1,0 +1,319 @@
+//! Per-peer bitmasks in memory: for each (volume, peer) a sparse set of
+//! regions the peer may lack this server's version of, in blocks of
+//! [`REGIONS_PER_BITMASK_BLOCK`] regions, each persisted in one block of the
+//! on-disk bitmask pool (see `docs/replication.md`).
+//!
+//! Every block keeps two bit sets: `bits`, what is true now, and `durable`,
+//! what the device holds. A write may proceed on a region only when its bit
+//! is set in both (write-intent is on disk); setting a bit that is not
+//! durable asks the caller to persist the block first. Pure and synchronous:
+//! the store does the I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bitvec::prelude::{BitVec, Lsb0};
+use tessera_net::proto::VolumeId;
+
+use crate::format::{BitmaskBlock, REGIONS_PER_BITMASK_BLOCK};
+
+type Bits = BitVec<u8, Lsb0>;
+
+#[derive(Debug)]
+struct Entry {
+    /// Index of the pool block that stores this entry.
+    pool: u64,
+    bits: Bits,
+    durable: Bits,
+}
+
+/// Identifies one bitmask block: volume, peer, and which block of regions.
+pub type BlockKey = (VolumeId, String, u64);
+
+/// The pool is full: more (volume, peer, region-block) combinations are dirty
+/// than the format reserved blocks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolFull;
+
+#[derive(Debug, Default)]
+pub struct Bitmasks {
+    entries: HashMap<(VolumeId, String), BTreeMap<u64, Entry>>,
+    owners: HashMap<u64, BlockKey>,
+    free: BTreeSet<u64>,
+}
+
+fn empty_bits() -> Bits {
+    BitVec::repeat(false, REGIONS_PER_BITMASK_BLOCK as usize)
+}
+
+fn split(region: u64) -> (u64, usize) {
+    (
+        region / REGIONS_PER_BITMASK_BLOCK,
+        (region % REGIONS_PER_BITMASK_BLOCK) as usize,
+    )
+}
+
+impl Bitmasks {
+    /// An empty set over a pool of `pool_blocks` blocks.
+    pub fn new(pool_blocks: u64) -> Self {
+        Bitmasks {
+            free: (0..pool_blocks).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Load pool block `pool` as read from the device.
+    pub fn load(&mut self, pool: u64, block: BitmaskBlock) -> Result<(), &'static str> {
+        let bits = Bits::from_vec(block.bits);
+        if bits.len() != REGIONS_PER_BITMASK_BLOCK as usize {
+            return Err("bitmask block of the wrong length");
+        }
+        let number = block.first_region / REGIONS_PER_BITMASK_BLOCK;
+        let map = self
+            .entries
+            .entry((block.volume, block.peer.clone()))
+            .or_default();
+        if map.contains_key(&number) || !self.free.remove(&pool) {
+            return Err("bitmask block recorded twice");
+        }
+        map.insert(
+            number,
+            Entry {
+                pool,
+                durable: bits.clone(),
+                bits,
+            },
+        );
+        self.owners.insert(pool, (block.volume, block.peer, number));
+        Ok(())
+    }
+
+    /// Whether `region` is set for `peer` in memory and on the device.
+    pub fn is_durable(&self, volume: VolumeId, peer: &str, region: u64) -> bool {
+        let (number, bit) = split(region);
+        self.entries
+            .get(&(volume, peer.to_string()))
+            .and_then(|m| m.get(&number))
+            .is_some_and(|e| e.bits[bit] && e.durable[bit])
+    }
+
+    /// Set `regions` for `peer`; returns the pool blocks that must be
+    /// persisted before a write may rely on the bits.
+    pub fn set(
+        &mut self,
+        volume: VolumeId,
+        peer: &str,
+        regions: std::ops::Range<u64>,
+    ) -> Result<Vec<u64>, PoolFull> {
+        let mut dirty = Vec::new();
+        for region in regions {
+            let (number, bit) = split(region);
+            let map = self.entries.entry((volume, peer.to_string())).or_default();
+            let entry = match map.get_mut(&number) {
+                Some(e) => e,
+                None => {
+                    let pool = self.free.pop_first().ok_or(PoolFull)?;
+                    self.owners
+                        .insert(pool, (volume, peer.to_string(), number));
+                    map.entry(number).or_insert(Entry {
+                        pool,
+                        bits: empty_bits(),
+                        durable: empty_bits(),
+                    })
+                }
+            };
+            entry.bits.set(bit, true);
+            if !entry.durable[bit] && dirty.last() != Some(&entry.pool) {
+                dirty.push(entry.pool);
+            }
+        }
+        dirty.dedup();
+        Ok(dirty)
+    }
+
+    /// Clear `regions` for `peer`; returns the pool blocks that changed.
+    pub fn clear(&mut self, volume: VolumeId, peer: &str, regions: &[u64]) -> Vec<u64> {
+        let mut changed = BTreeSet::new();
+        let Some(map) = self.entries.get_mut(&(volume, peer.to_string())) else {
+            return Vec::new();
+        };
+        for region in regions {
+            let (number, bit) = split(*region);
+            if let Some(entry) = map.get_mut(&number)
+                && entry.bits[bit]
+            {
+                entry.bits.set(bit, false);
+                changed.insert(entry.pool);
+            }
+        }
+        changed.into_iter().collect()
+    }
+
+    /// What pool block `pool` should hold now: its content (empty when no
+    /// bit is set) and the bits it records.
+    pub fn snapshot(&self, pool: u64) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (volume, peer, number) = self.owners.get(&pool)?;
+        let entry = self.entries.get(&(*volume, peer.clone()))?.get(number)?;
+        let raw = entry.bits.as_raw_slice().to_vec();
+        if entry.bits.not_any() {
+            return Some((Vec::new(), raw));
+        }
+        let block = BitmaskBlock {
+            volume: *volume,
+            peer: peer.clone(),
+            first_region: number * REGIONS_PER_BITMASK_BLOCK,
+            bits: raw.clone(),
+        };
+        // Peer names are checked at certificate issue; an over-long one cannot occur.
+        Some((block.encode().unwrap_or_default(), raw))
+    }
+
+    /// Whether the device already holds `bits` for pool block `pool`.
+    pub fn is_persisted(&self, pool: u64, bits: &[u8]) -> bool {
+        self.owners
+            .get(&pool)
+            .and_then(|(v, p, n)| self.entries.get(&(*v, p.clone()))?.get(n))
+            .is_some_and(|e| e.durable.as_raw_slice() == bits)
+    }
+
+    /// The device now holds `bits` for pool block `pool`. A block whose
+    /// bits are all clear on both sides returns to the free pool.
+    pub fn persisted(&mut self, pool: u64, bits: Vec<u8>) {
+        let Some((volume, peer, number)) = self.owners.get(&pool).cloned() else {
+            return;
+        };
+        let key = (volume, peer);
+        let Some(map) = self.entries.get_mut(&key) else {
+            return;
+        };
+        let Some(entry) = map.get_mut(&number) else {
+            return;
+        };
+        entry.durable = Bits::from_vec(bits);
+        if entry.bits.not_any() && entry.durable.not_any() {
+            map.remove(&number);
+            if map.is_empty() {
+                self.entries.remove(&key);
+            }
+            self.owners.remove(&pool);
+            self.free.insert(pool);
+        }
+    }
+
+    /// Regions set for `peer`, ascending.
+    pub fn regions(&self, volume: VolumeId, peer: &str) -> Vec<u64> {
+        let Some(map) = self.entries.get(&(volume, peer.to_string())) else {
+            return Vec::new();
+        };
+        map.iter()
+            .flat_map(|(number, e)| {
+                e.bits
+                    .iter_ones()
+                    .map(move |bit| number * REGIONS_PER_BITMASK_BLOCK + bit as u64)
+            })
+            .collect()
+    }
+
+    /// How many regions are set for `peer`.
+    pub fn count(&self, volume: VolumeId, peer: &str) -> u64 {
+        self.entries
+            .get(&(volume, peer.to_string()))
+            .map_or(0, |m| m.values().map(|e| e.bits.count_ones() as u64).sum())
+    }
+
+    /// Every peer with an entry for `volume`.
+    pub fn peers(&self, volume: VolumeId) -> Vec<String> {
+        let mut peers: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|(v, _)| *v == volume)
+            .map(|(_, p)| p.clone())
+            .collect();
+        peers.sort();
+        peers
+    }
+
+    /// Pool blocks used by `volume` (for `peer`, or every peer).
+    pub fn pool_blocks(&self, volume: VolumeId, peer: Option<&str>) -> Vec<u64> {
+        self.owners
+            .iter()
+            .filter(|(_, (v, p, _))| *v == volume && peer.is_none_or(|peer| peer == p))
+            .map(|(pool, _)| *pool)
+            .collect()
+    }
+
+    /// Blocks in use and in the pool.
+    pub fn usage(&self) -> (u64, u64) {
+        let used = self.owners.len() as u64;
+        (used, used + self.free.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const V: VolumeId = VolumeId(3);
+
+    #[test]
+    fn set_asks_for_persistence_once() {
+        let mut b = Bitmasks::new(4);
+        let dirty = b.set(V, "p", 5..8).unwrap();
+        assert_eq!(dirty.len(), 1);
+        assert!(!b.is_durable(V, "p", 5), "not on the device yet");
+        let (payload, bits) = b.snapshot(dirty[0]).unwrap();
+        assert!(!payload.is_empty());
+        b.persisted(dirty[0], bits);
+        assert!(b.is_durable(V, "p", 6));
+        // A hot region costs no more metadata writes.
+        assert!(b.set(V, "p", 5..8).unwrap().is_empty());
+        assert_eq!(b.count(V, "p"), 3);
+        assert_eq!(b.regions(V, "p"), vec![5, 6, 7]);
+    }
+
+    #[test]
+    fn cleared_blocks_return_to_the_pool() {
+        let mut b = Bitmasks::new(2);
+        let far = REGIONS_PER_BITMASK_BLOCK * 10;
+        let pools = b.set(V, "p", far..far + 1).unwrap();
+        let (_, bits) = b.snapshot(pools[0]).unwrap();
+        b.persisted(pools[0], bits);
+        let changed = b.clear(V, "p", &[far]);
+        assert_eq!(changed, pools);
+        let (payload, bits) = b.snapshot(pools[0]).unwrap();
+        assert!(payload.is_empty(), "an all-clear block is written empty");
+        b.persisted(pools[0], bits);
+        assert_eq!(b.usage(), (0, 2));
+        assert_eq!(b.count(V, "p"), 0);
+    }
+
+    #[test]
+    fn a_full_pool_is_reported() {
+        let mut b = Bitmasks::new(1);
+        b.set(V, "p", 0..1).unwrap();
+        assert_eq!(b.set(V, "q", 0..1), Err(PoolFull));
+        assert_eq!(
+            b.set(V, "p", REGIONS_PER_BITMASK_BLOCK..REGIONS_PER_BITMASK_BLOCK + 1),
+            Err(PoolFull)
+        );
+    }
+
+    #[test]
+    fn load_restores_what_was_persisted() {
+        let mut b = Bitmasks::new(3);
+        let pools = b.set(V, "peer-x", 40_000..40_002).unwrap();
+        let (payload, bits) = b.snapshot(pools[0]).unwrap();
+        b.persisted(pools[0], bits);
+        let mut again = Bitmasks::new(3);
+        again
+            .load(pools[0], BitmaskBlock::decode(&payload).unwrap().unwrap())
+            .unwrap();
+        assert_eq!(again.regions(V, "peer-x"), vec![40_000, 40_001]);
+        assert!(again.is_durable(V, "peer-x", 40_001));
+        assert!(
+            again
+                .load(pools[0], BitmaskBlock::decode(&payload).unwrap().unwrap())
+                .is_err()
+        );
+    }
+}

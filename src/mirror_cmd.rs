@@ -1,0 +1,311 @@
+//! `tessera mirror status|wait` and `tessera volume verify`: the monitor's
+//! view of mirrors, and a region-by-region comparison of replicas.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tessera_net::proto::{
+    ClusterStatus, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, MirrorState, Role, VolumeMap,
+};
+use tessera_net::quic::{Alpn, Endpoint, TransportTuning};
+use tessera_net::units::ByteSize;
+
+use crate::admin::Connection;
+
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Each mirror of a volume: in sync; out of sync, with the regions and
+    /// bytes that may differ; or resyncing, with progress, rate and ETA.
+    Status { volume: String },
+    /// Wait, with a progress bar, until every mirror of a volume is in sync.
+    Wait {
+        volume: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+}
+
+/// One mirror of one partition, as `mirror status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorRow {
+    pub volume: String,
+    pub first_page: u64,
+    pub end_page: u64,
+    pub primary: String,
+    pub mirror: String,
+    /// "in sync", "out of sync" or "resyncing".
+    pub state: &'static str,
+    /// Regions (and bytes) the mirror may lack, per the primary's bitmask.
+    pub differing_regions: u64,
+    pub differing_bytes: u64,
+    pub resync_total_regions: u64,
+    pub resync_copied_regions: u64,
+    pub resync_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+}
+
+fn state_name(state: MirrorState) -> &'static str {
+    match state {
+        MirrorState::InSync => "in sync",
+        MirrorState::OutOfSync => "out of sync",
+        MirrorState::Resyncing => "resyncing",
+    }
+}
+
+/// The mirrors of `volume`, joined with their primaries' latest reports.
+pub fn rows(status: &ClusterStatus, volume: &VolumeMap) -> Vec<MirrorRow> {
+    let mut out = Vec::new();
+    for p in &volume.partitions {
+        let Some(primary) = p.replicas.first() else {
+            continue;
+        };
+        for r in p.replicas.iter().skip(1) {
+            let report = status.mirrors.iter().find(|m| {
+                m.reporter == primary.server
+                    && m.volume == volume.id
+                    && m.first_page == p.first_page
+                    && m.peer == r.server
+            });
+            let dirty = report.map_or(0, |m| m.dirty_regions);
+            let region = report.map_or(0, |m| u64::from(m.region_size));
+            let resync = report.and_then(|m| m.resync.clone());
+            let (total, copied, rate) = resync
+                .map_or((0, 0, 0), |r| (r.total_regions, r.copied_regions, r.bytes_per_sec));
+            let eta = (r.state == MirrorState::Resyncing && rate > 0)
+                .then(|| total.saturating_sub(copied) * region / rate);
+            out.push(MirrorRow {
+                volume: volume.name.clone(),
+                first_page: p.first_page,
+                end_page: p.end_page,
+                primary: primary.server.clone(),
+                mirror: r.server.clone(),
+                state: state_name(r.state),
+                differing_regions: if r.state == MirrorState::InSync { 0 } else { dirty },
+                differing_bytes: if r.state == MirrorState::InSync {
+                    0
+                } else {
+                    dirty * region
+                },
+                resync_total_regions: total,
+                resync_copied_regions: copied,
+                resync_bytes_per_sec: rate,
+                eta_secs: eta,
+            });
+        }
+    }
+    out
+}
+
+pub fn print_rows(rows: &[MirrorRow]) {
+    println!(
+        "{:<16} {:>17} {:<14} {:<14} {:<12} DETAIL",
+        "VOLUME", "PAGES", "PRIMARY", "MIRROR", "STATE"
+    );
+    for r in rows {
+        let detail = match r.state {
+            "out of sync" => format!(
+                "{} regions ({}) may differ",
+                r.differing_regions,
+                ByteSize(r.differing_bytes)
+            ),
+            "resyncing" if r.resync_total_regions > 0 => format!(
+                "{:.0}% of {} regions, {}/s, ETA {}",
+                100.0 * r.resync_copied_regions as f64 / r.resync_total_regions as f64,
+                r.resync_total_regions,
+                ByteSize(r.resync_bytes_per_sec),
+                r.eta_secs
+                    .map_or_else(|| "-".to_string(), |s| format!("{s} s"))
+            ),
+            "resyncing" => "starting".to_string(),
+            _ => String::new(),
+        };
+        println!(
+            "{:<16} {:>17} {:<14} {:<14} {:<12} {}",
+            r.volume,
+            format!("{}..{}", r.first_page, r.end_page),
+            r.primary,
+            r.mirror,
+            r.state,
+            detail
+        );
+    }
+}
+
+fn volume_rows(connection: &Connection, volume: &str) -> anyhow::Result<Vec<MirrorRow>> {
+    let status = connection.status()?;
+    let map = status
+        .volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .with_context(|| format!("no volume {volume:?}"))?;
+    Ok(rows(&status, map))
+}
+
+pub fn run(connection: &Connection, command: MirrorCommand) -> anyhow::Result<()> {
+    match command {
+        MirrorCommand::Status { volume } => {
+            let rows = volume_rows(connection, &volume)?;
+            connection.print(&rows, || {
+                if rows.is_empty() {
+                    println!("volume {volume} has no mirrors (one replica)");
+                } else {
+                    print_rows(&rows);
+                }
+            })
+        }
+        MirrorCommand::Wait { volume, timeout } => wait(connection, &volume, timeout),
+    }
+}
+
+fn wait(connection: &Connection, volume: &str, timeout: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} resync {bar:40} {pos}/{len} regions {msg} [{elapsed_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    loop {
+        let rows = volume_rows(connection, volume)?;
+        let pending: Vec<&MirrorRow> = rows.iter().filter(|r| r.state != "in sync").collect();
+        if pending.is_empty() {
+            bar.finish_and_clear();
+            let done = serde_json::json!({ "volume": volume, "in_sync": rows.len() });
+            return connection.print(&done, || {
+                println!("every mirror of {volume} is in sync ({} mirrors)", rows.len())
+            });
+        }
+        if Instant::now() > deadline {
+            bar.abandon();
+            print_rows(&rows);
+            bail!("mirrors of {volume} still not in sync after {timeout} s");
+        }
+        let total: u64 = pending.iter().map(|r| r.resync_total_regions).sum();
+        let copied: u64 = pending.iter().map(|r| r.resync_copied_regions).sum();
+        let rate: u64 = pending.iter().map(|r| r.resync_bytes_per_sec).sum();
+        let waiting = pending.iter().filter(|r| r.state == "out of sync").count();
+        bar.set_length(total);
+        bar.set_position(copied);
+        bar.set_message(format!(
+            "{}/s, {} resyncing, {waiting} out of sync",
+            ByteSize(rate),
+            pending.len() - waiting
+        ));
+        bar.tick();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A difference found by `volume verify`.
+#[derive(Debug, Serialize)]
+struct Difference {
+    offset: u64,
+    length: u64,
+    /// Each replica's checksum of the region.
+    sums: Vec<(String, u32)>,
+}
+
+pub fn verify(connection: &Connection, name: &str, region: ByteSize) -> anyhow::Result<()> {
+    let region_size = u32::try_from(region.0)
+        .ok()
+        .filter(|r| r.is_power_of_two() && *r >= 4096)
+        .context("--region must be a power of two of at least 4K")?;
+    let map = match connection.call(MgmtRequest::GetMap {
+        volume: name.to_string(),
+    })? {
+        MgmtReply::Map(map) => map,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    let identity = connection.identity()?;
+    let mgmt = connection.mgmt_addr();
+    let (differences, regions, replicas) = crate::runtime::current_thread()?.block_on(async {
+        let endpoint = Endpoint::client(mgmt, &identity, &TransportTuning::default())?;
+        let mut differences = Vec::new();
+        let mut regions = 0u64;
+        let mut replicas = 0usize;
+        let page = u64::from(map.page_size);
+        let region = u64::from(region_size);
+        for p in &map.partitions {
+            replicas = replicas.max(p.replicas.len());
+            let start = p.first_page * page;
+            let end = (p.end_page * page).min(map.size);
+            let mut at = start;
+            while at < end {
+                let length = (end - at).min(region * MAX_CHECKSUM_REGIONS);
+                let mut all = Vec::new();
+                for r in &p.replicas {
+                    let conn = endpoint
+                        .connect(r.addr, &r.server, Alpn::Mgmt, Role::Storage)
+                        .await
+                        .with_context(|| format!("cannot reach {} at {}", r.server, r.addr))?;
+                    let request = MgmtRequest::RegionChecksums {
+                        volume: map.id,
+                        offset: at,
+                        length,
+                        region_size,
+                    };
+                    match conn.mgmt(&request).await? {
+                        MgmtReply::Checksums { sums } => all.push((r.server.clone(), sums)),
+                        other => bail!("{} answered {other:?}", r.server),
+                    }
+                    conn.close();
+                }
+                let count = length.div_ceil(region) as usize;
+                for i in 0..count {
+                    let sums: Vec<(String, u32)> = all
+                        .iter()
+                        .map(|(s, sums)| (s.clone(), sums.get(i).copied().unwrap_or_default()))
+                        .collect();
+                    if sums.windows(2).any(|w| w[0].1 != w[1].1) {
+                        let offset = at + i as u64 * region;
+                        differences.push(Difference {
+                            offset,
+                            length: region.min(end - offset),
+                            sums,
+                        });
+                    }
+                }
+                regions += count as u64;
+                at += length;
+            }
+        }
+        endpoint.close();
+        Ok::<_, anyhow::Error>((differences, regions, replicas))
+    })?;
+    let report = serde_json::json!({
+        "volume": name,
+        "regions": regions,
+        "region_size": region_size,
+        "replicas": replicas,
+        "differences": differences,
+    });
+    connection.print(&report, || {
+        for d in &differences {
+            let sums: Vec<String> = d
+                .sums
+                .iter()
+                .map(|(s, c)| format!("{s}={c:08x}"))
+                .collect();
+            println!(
+                "differs at {} (+{}): {}",
+                d.offset,
+                ByteSize(d.length),
+                sums.join(" ")
+            );
+        }
+        println!(
+            "{name}: {regions} regions of {} on up to {replicas} replicas, {} differ",
+            ByteSize(u64::from(region_size)),
+            differences.len()
+        );
+    })?;
+    if !differences.is_empty() {
+        bail!("{} regions of {name} differ between replicas", differences.len());
+    }
+    Ok(())
+}

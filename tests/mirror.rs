@@ -1,0 +1,420 @@
+//! Mirrors with real processes: one `tessera mgmt`, storage servers killed
+//! with SIGKILL and restarted during a seeded write workload through the
+//! driver. Every acknowledged write must read back, resync must copy only
+//! what the bitmasks name, and the replicas must end equal (`volume verify`).
+//!
+//! The long thrash test: `TESSERA_THRASH_SECS=300 cargo test --release --test mirror -- --ignored`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tessera_driver::{Client, MgmtServer, Volume};
+use tessera_net::proto::{AdminCommand, ClusterStatus, MgmtReply, MirrorState, Role};
+
+const BLOCK: u64 = 4096;
+/// Heartbeat timeout of the management server in these tests.
+const HEARTBEAT_TIMEOUT_MS: u64 = 1_500;
+
+fn seed() -> u64 {
+    std::env::var("TESSERA_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6d69_7272)
+}
+
+async fn open(cluster: &TestCluster, mgmt: &MgmtProc, name: &str) -> Volume {
+    let identity = cluster.identity(Role::Client, "app");
+    let servers = [MgmtServer {
+        addr: mgmt.addr,
+        name: "mgmt".into(),
+    }];
+    let client = Client::connect(&servers, &identity).await.unwrap();
+    client.open_volume(name).await.unwrap()
+}
+
+/// A volume of `mib` MiB with every page on `servers` (first = primary).
+async fn mirrored_volume(
+    cluster: &TestCluster,
+    mgmt: &MgmtProc,
+    name: &str,
+    mib: u64,
+    servers: &[&str],
+) {
+    let reply = admin(mgmt, cluster, create(name, mib, servers.len() as u8, Some(servers))).await;
+    assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
+    let reply = admin(
+        mgmt,
+        cluster,
+        AdminCommand::SetPartition {
+            volume: name.into(),
+            first_page: 0,
+            end_page: mib,
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+    .await;
+    assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
+}
+
+/// Replica states of every partition of `volume`.
+fn states(status: &ClusterStatus, volume: &str) -> Vec<Vec<(String, MirrorState)>> {
+    status
+        .volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .map(|v| {
+            v.partitions
+                .iter()
+                .map(|p| {
+                    p.replicas
+                        .iter()
+                        .map(|r| (r.server.clone(), r.state))
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn all_in_sync(status: &ClusterStatus, volume: &str) -> bool {
+    let servers_up = |name: &str| status.servers.iter().any(|s| s.name == name && s.up);
+    states(status, volume)
+        .iter()
+        .flatten()
+        .all(|(s, state)| *state == MirrorState::InSync && servers_up(s))
+}
+
+/// Wait until every mirror of `volume` is in sync (resyncs can take a while under load).
+async fn wait_in_sync(mgmt: &MgmtProc, cluster: &TestCluster, volume: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = status(mgmt, cluster).await;
+        if all_in_sync(&s, volume) {
+            return;
+        }
+        if Instant::now() > deadline {
+            for name in ["s1", "s2", "s3"] {
+                let log = std::fs::read_to_string(cluster.path(&format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {name} (last lines, newest first)\n{}", tail.join("\n"));
+            }
+            panic!(
+                "mirrors of {volume} not in sync after {secs} s: {:?}\n{}",
+                states(&s, volume),
+                mgmt.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What each 4 KiB block last held when a write of it was acknowledged.
+type Acked = Arc<Mutex<HashMap<u64, u64>>>;
+
+/// A seeded writer: random ranges of 1..=16 blocks, each block stamped with
+/// (block, write tag), until `stop`. Records acknowledged content; counts failures.
+struct Workload {
+    acked: Acked,
+    writes: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn block_bytes(block: u64, tag: u64) -> Vec<u8> {
+    let mut out = pattern(block ^ (tag << 20), BLOCK as usize);
+    out[..8].copy_from_slice(&block.to_le_bytes());
+    out[8..16].copy_from_slice(&tag.to_le_bytes());
+    out
+}
+
+impl Workload {
+    fn start(volume: &Volume, writers: u64, seed: u64) -> Self {
+        let acked: Acked = Arc::default();
+        let writes = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let blocks = volume.size() / BLOCK;
+        let tasks = (0..writers)
+            .map(|w| {
+                let (volume, acked, writes, failures, stop) = (
+                    volume.clone(),
+                    acked.clone(),
+                    writes.clone(),
+                    failures.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut rng = StdRng::seed_from_u64(seed ^ (w << 32));
+                    // Writers own disjoint stripes, so no two write one block at once.
+                    let stripe = blocks / writers;
+                    let mut tag = w << 40;
+                    while !stop.load(Ordering::Relaxed) {
+                        tag += 1;
+                        let count = rng.random_range(1..=16u64).min(stripe);
+                        let first = w * stripe + rng.random_range(0..=stripe - count);
+                        let mut data = Vec::with_capacity((count * BLOCK) as usize);
+                        for b in first..first + count {
+                            data.extend_from_slice(&block_bytes(b, tag));
+                        }
+                        match volume.write_at(first * BLOCK, &data).await {
+                            Ok(()) => {
+                                let mut a = acked.lock().unwrap();
+                                for b in first..first + count {
+                                    a.insert(b, tag);
+                                }
+                                writes.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                eprintln!("write at block {first} failed: {e}");
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                // Its blocks are now unknown: forget them.
+                                let mut a = acked.lock().unwrap();
+                                for b in first..first + count {
+                                    a.remove(&b);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Workload {
+            acked,
+            writes,
+            failures,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (HashMap<u64, u64>, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        (
+            acked,
+            self.writes.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Every acknowledged block reads back as its last acknowledged content.
+async fn check_acked(volume: &Volume, acked: &HashMap<u64, u64>) {
+    let mut blocks: Vec<_> = acked.iter().collect();
+    blocks.sort();
+    for (block, tag) in blocks {
+        let mut back = vec![0u8; BLOCK as usize];
+        volume.read_at(block * BLOCK, &mut back).await.unwrap();
+        assert!(
+            back == block_bytes(*block, *tag),
+            "block {block}: acknowledged write {tag:#x}, found write {:#x} of block {}",
+            u64::from_le_bytes(back[8..16].try_into().unwrap()),
+            u64::from_le_bytes(back[..8].try_into().unwrap()),
+        );
+    }
+}
+
+/// `tessera volume verify`: every replica holds the same bytes.
+fn verify(cluster: &TestCluster, mgmt: &MgmtProc, volume: &str) {
+    cluster.issue(Role::Admin, "admin");
+    let out = tessera()
+        .args(["volume", "verify", volume, "--json", "--mgmt"])
+        .arg(mgmt.addr.to_string())
+        .arg("--cluster-dir")
+        .arg(cluster.dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "replicas differ: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(report["regions"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["differences"].as_array().unwrap().len(), 0);
+}
+
+fn restart(cluster: &TestCluster, mgmt: &MgmtProc, name: &str) -> StorageProc {
+    StorageProc::start(cluster, name, "256M", &["--mgmt", &mgmt.addr.to_string()])
+}
+
+/// Kill `victim` during a write workload, keep writing, bring it back and
+/// wait for its resync; nothing the application saw failed.
+async fn lose_and_return(victim: usize) {
+    let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    mirrored_volume(&cluster, &mgmt, "m", 32, &["s1", "s2"]).await;
+    let volume = open(&cluster, &mgmt, "m").await;
+    let workload = Workload::start(&volume, 4, seed());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let name = servers[victim].name.clone();
+    servers[victim].kill9();
+    let survivor = if victim == 0 { "s2" } else { "s1" };
+    wait_status(&mgmt, &cluster, "the lost replica out of sync", |s| {
+        states(s, "m")[0]
+            .iter()
+            .any(|(n, st)| *n == name && *st == MirrorState::OutOfSync)
+            && states(s, "m")[0][0].0 == survivor
+    })
+    .await;
+    let before = workload.writes.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        workload.writes.load(Ordering::Relaxed) > before,
+        "writes go on at the survivor"
+    );
+
+    servers[victim] = restart(&cluster, &mgmt, &name);
+    wait_in_sync(&mgmt, &cluster, "m", 60).await;
+    let (acked, writes, failures) = workload.finish().await;
+    assert_eq!(failures, 0, "the application saw write errors");
+    assert!(writes > 50, "only {writes} writes");
+    check_acked(&volume, &acked).await;
+    volume.flush().await.unwrap();
+    verify(&cluster, &mgmt, "m");
+    let s = status(&mgmt, &cluster).await;
+    let copied: u64 = s.servers.iter().map(|s| s.resynced_bytes).sum();
+    assert!(copied > 0, "the returning replica was resynced");
+    println!(
+        "lost {name}: {writes} writes acknowledged, {} blocks checked, {} resynced",
+        acked.len(),
+        copied
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_mirror_during_writes_then_resync() {
+    lose_and_return(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_primary_during_writes_fails_over_then_resync() {
+    lose_and_return(0).await;
+}
+
+/// Writing 1% of a 1 GiB volume while its mirror is away makes resync copy
+/// about 1%: the bitmask names the written regions and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_copies_only_what_was_written_while_away() {
+    let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "512M").await;
+    mirrored_volume(&cluster, &mgmt, "big", 1024, &["s1", "s2"]).await;
+    let volume = open(&cluster, &mgmt, "big").await;
+    // Data written while both are up is not copied again.
+    for i in 0..16u64 {
+        volume
+            .write_at(i * 64 * MIB, &pattern(i, 256 << 10))
+            .await
+            .unwrap();
+    }
+    wait_status(&mgmt, &cluster, "the first writes cleaned from the bitmask", |s| {
+        s.mirrors
+            .iter()
+            .any(|m| m.peer == "s2" && m.dirty_regions == 0)
+    })
+    .await;
+    servers[1].kill9();
+
+    const REGION: u64 = 64 << 10;
+    let regions = (1024 * MIB / REGION) / 100 + 1; // 1% of the volume's regions
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut chosen = std::collections::BTreeSet::new();
+    while (chosen.len() as u64) < regions {
+        chosen.insert(rng.random_range(0..1024 * MIB / REGION));
+    }
+    for r in &chosen {
+        volume
+            .write_at(r * REGION, &pattern(*r, REGION as usize))
+            .await
+            .unwrap();
+    }
+    let away = wait_status(&mgmt, &cluster, "bitmask report of the away mirror", |s| {
+        s.mirrors
+            .iter()
+            .any(|m| m.peer == "s2" && m.dirty_regions == regions)
+    })
+    .await;
+    assert_eq!(states(&away, "big")[0][1], ("s2".into(), MirrorState::OutOfSync));
+
+    servers[1] = restart(&cluster, &mgmt, "s2");
+    wait_in_sync(&mgmt, &cluster, "big", 60).await;
+    let s = status(&mgmt, &cluster).await;
+    let copied = s.servers.iter().find(|s| s.name == "s1").unwrap().resynced_bytes;
+    let written = regions * REGION;
+    println!(
+        "written while away: {written} bytes ({regions} regions); resync copied {copied} bytes ({:.2}% of the volume)",
+        100.0 * copied as f64 / (1024 * MIB) as f64
+    );
+    assert!(
+        copied >= written && copied <= written + 16 * REGION,
+        "resync copied {copied} bytes for {written} written"
+    );
+    for r in chosen.iter().take(20) {
+        let mut back = vec![0u8; REGION as usize];
+        volume.read_at(r * REGION, &mut back).await.unwrap();
+        assert!(back == pattern(*r, REGION as usize), "region {r}");
+    }
+    verify(&cluster, &mgmt, "big");
+}
+
+/// SIGKILL and restart random storage servers while writing; one replica of
+/// every partition stays alive (one server down at a time, and the next kill
+/// waits until the mirrors are in sync again).
+async fn thrash(duration: Duration, seed: u64) {
+    println!("thrash: seed {seed}, {} s", duration.as_secs());
+    let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    let reply = admin(&mgmt, &cluster, create("t", 48, 2, None)).await;
+    assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
+    let volume = open(&cluster, &mgmt, "t").await;
+    let workload = Workload::start(&volume, 4, seed);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        let victim = rng.random_range(0..servers.len());
+        let name = servers[victim].name.clone();
+        servers[victim].kill9();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
+        servers[victim] = restart(&cluster, &mgmt, &name);
+        wait_in_sync(&mgmt, &cluster, "t", 120).await;
+    }
+    let (acked, writes, failures) = workload.finish().await;
+    assert_eq!(failures, 0, "the application saw write errors");
+    check_acked(&volume, &acked).await;
+    volume.flush().await.unwrap();
+    verify(&cluster, &mgmt, "t");
+    println!(
+        "thrash: {kills} kills, {writes} writes, {} blocks checked",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thrash_short() {
+    thrash(Duration::from_secs(8), seed()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "several minutes: TESSERA_THRASH_SECS=300 cargo test --release --test mirror -- --ignored"]
+async fn thrash_long() {
+    let secs = std::env::var("TESSERA_THRASH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    thrash(Duration::from_secs(secs), seed()).await;
+}
