@@ -320,7 +320,9 @@ pub fn volume(connection: &Connection, command: VolumeCommand) -> anyhow::Result
             let what = format!("resized volume {name} to {size}");
             connection.applied(AdminCommand::ResizeVolume { name, size: size.0 }, &what)
         }
-        VolumeCommand::Verify { name, region } => crate::mirror_cmd::verify(connection, &name, region),
+        VolumeCommand::Verify { name, region } => {
+            crate::mirror_cmd::verify(connection, &name, region)
+        }
         VolumeCommand::Delete { name, yes } => {
             confirm(&format!("delete volume {name} and all its data"), yes)?;
             let what = format!("deleted volume {name}");

@@ -73,8 +73,9 @@ pub fn rows(status: &ClusterStatus, volume: &VolumeMap) -> Vec<MirrorRow> {
             let dirty = report.map_or(0, |m| m.dirty_regions);
             let region = report.map_or(0, |m| u64::from(m.region_size));
             let resync = report.and_then(|m| m.resync.clone());
-            let (total, copied, rate) = resync
-                .map_or((0, 0, 0), |r| (r.total_regions, r.copied_regions, r.bytes_per_sec));
+            let (total, copied, rate) = resync.map_or((0, 0, 0), |r| {
+                (r.total_regions, r.copied_regions, r.bytes_per_sec)
+            });
             let eta = (r.state == MirrorState::Resyncing && rate > 0)
                 .then(|| total.saturating_sub(copied) * region / rate);
             out.push(MirrorRow {
@@ -84,7 +85,11 @@ pub fn rows(status: &ClusterStatus, volume: &VolumeMap) -> Vec<MirrorRow> {
                 primary: primary.server.clone(),
                 mirror: r.server.clone(),
                 state: state_name(r.state),
-                differing_regions: if r.state == MirrorState::InSync { 0 } else { dirty },
+                differing_regions: if r.state == MirrorState::InSync {
+                    0
+                } else {
+                    dirty
+                },
                 differing_bytes: if r.state == MirrorState::InSync {
                     0
                 } else {
@@ -177,7 +182,10 @@ fn wait(connection: &Connection, volume: &str, timeout: u64) -> anyhow::Result<(
             bar.finish_and_clear();
             let done = serde_json::json!({ "volume": volume, "in_sync": rows.len() });
             return connection.print(&done, || {
-                println!("every mirror of {volume} is in sync ({} mirrors)", rows.len())
+                println!(
+                    "every mirror of {volume} is in sync ({} mirrors)",
+                    rows.len()
+                )
             });
         }
         if Instant::now() > deadline {
@@ -286,11 +294,7 @@ pub fn verify(connection: &Connection, name: &str, region: ByteSize) -> anyhow::
     });
     connection.print(&report, || {
         for d in &differences {
-            let sums: Vec<String> = d
-                .sums
-                .iter()
-                .map(|(s, c)| format!("{s}={c:08x}"))
-                .collect();
+            let sums: Vec<String> = d.sums.iter().map(|(s, c)| format!("{s}={c:08x}")).collect();
             println!(
                 "differs at {} (+{}): {}",
                 d.offset,
@@ -305,7 +309,10 @@ pub fn verify(connection: &Connection, name: &str, region: ByteSize) -> anyhow::
         );
     })?;
     if !differences.is_empty() {
-        bail!("{} regions of {name} differ between replicas", differences.len());
+        bail!(
+            "{} regions of {name} differ between replicas",
+            differences.len()
+        );
     }
     Ok(())
 }

@@ -48,7 +48,12 @@ async fn mirrored_volume(
     mib: u64,
     servers: &[&str],
 ) {
-    let reply = admin(mgmt, cluster, create(name, mib, servers.len() as u8, Some(servers))).await;
+    let reply = admin(
+        mgmt,
+        cluster,
+        create(name, mib, servers.len() as u8, Some(servers)),
+    )
+    .await;
     assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
     let reply = admin(
         mgmt,
@@ -105,7 +110,10 @@ async fn wait_in_sync(mgmt: &MgmtProc, cluster: &TestCluster, volume: &str, secs
                 let log = std::fs::read_to_string(cluster.path(&format!("{name}.log")))
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("---- {name} (last lines, newest first)\n{}", tail.join("\n"));
+                eprintln!(
+                    "---- {name} (last lines, newest first)\n{}",
+                    tail.join("\n")
+                );
             }
             panic!(
                 "mirrors of {volume} not in sync after {secs} s: {:?}\n{}",
@@ -320,11 +328,18 @@ async fn resync_copies_only_what_was_written_while_away() {
             .await
             .unwrap();
     }
-    wait_status(&mgmt, &cluster, "the first writes cleaned from the bitmask", |s| {
-        s.mirrors
-            .iter()
-            .any(|m| m.peer == "s2" && m.dirty_regions == 0)
-    })
+    // Bits clear within a cleaning interval (1 s); reports come with heartbeats (1 s).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    wait_status(
+        &mgmt,
+        &cluster,
+        "the first writes cleaned from the bitmask",
+        |s| {
+            s.mirrors
+                .iter()
+                .any(|m| m.peer == "s2" && m.dirty_regions == 0)
+        },
+    )
     .await;
     servers[1].kill9();
 
@@ -347,20 +362,42 @@ async fn resync_copies_only_what_was_written_while_away() {
             .any(|m| m.peer == "s2" && m.dirty_regions == regions)
     })
     .await;
-    assert_eq!(states(&away, "big")[0][1], ("s2".into(), MirrorState::OutOfSync));
+    assert_eq!(
+        states(&away, "big")[0][1],
+        ("s2".into(), MirrorState::OutOfSync)
+    );
 
     servers[1] = restart(&cluster, &mgmt, "s2");
     wait_in_sync(&mgmt, &cluster, "big", 60).await;
-    let s = status(&mgmt, &cluster).await;
-    let copied = s.servers.iter().find(|s| s.name == "s1").unwrap().resynced_bytes;
     let written = regions * REGION;
+    // The counter arrives with the heartbeats: wait for the report after the
+    // resync, then one more.
+    let copied_by_s1 = |s: &ClusterStatus| {
+        s.servers
+            .iter()
+            .find(|s| s.name == "s1")
+            .unwrap()
+            .resynced_bytes
+    };
+    wait_status(&mgmt, &cluster, "the resync counter", |s| {
+        copied_by_s1(s) >= written
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let copied = copied_by_s1(&status(&mgmt, &cluster).await);
     println!(
         "written while away: {written} bytes ({regions} regions); resync copied {copied} bytes ({:.2}% of the volume)",
         100.0 * copied as f64 / (1024 * MIB) as f64
     );
     assert!(
         copied >= written && copied <= written + 16 * REGION,
-        "resync copied {copied} bytes for {written} written"
+        "resync copied {copied} bytes for {written} written\n{}",
+        servers[0]
+            .log()
+            .lines()
+            .filter(|l| l.contains("resync"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     for r in chosen.iter().take(20) {
         let mut back = vec![0u8; REGION as usize];

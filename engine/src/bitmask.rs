@@ -112,8 +112,7 @@ impl Bitmasks {
                 Some(e) => e,
                 None => {
                     let pool = self.free.pop_first().ok_or(PoolFull)?;
-                    self.owners
-                        .insert(pool, (volume, peer.to_string(), number));
+                    self.owners.insert(pool, (volume, peer.to_string(), number));
                     map.entry(number).or_insert(Entry {
                         pool,
                         bits: empty_bits(),
@@ -293,7 +292,11 @@ mod tests {
         b.set(V, "p", 0..1).unwrap();
         assert_eq!(b.set(V, "q", 0..1), Err(PoolFull));
         assert_eq!(
-            b.set(V, "p", REGIONS_PER_BITMASK_BLOCK..REGIONS_PER_BITMASK_BLOCK + 1),
+            b.set(
+                V,
+                "p",
+                REGIONS_PER_BITMASK_BLOCK..REGIONS_PER_BITMASK_BLOCK + 1
+            ),
             Err(PoolFull)
         );
     }

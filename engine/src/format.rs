@@ -28,7 +28,7 @@ const SLOT_ENTRY_LEN: usize = 16;
 pub const REGIONS_PER_BITMASK_BLOCK: u64 = 3968 * 8;
 const BITMASK_FIXED_LEN: usize = 80;
 /// The bitmask pool has one logical block per this many data slots, and at least [`MIN_BITMASK_BLOCKS`].
-pub const SLOTS_PER_BITMASK_BLOCK: u64 = 64;
+pub const SLOTS_PER_BITMASK_BLOCK: u64 = 512;
 pub const MIN_BITMASK_BLOCKS: u64 = 64;
 /// Page ranges one volume record holds.
 pub const MAX_RANGES: usize = (META_PAYLOAD_LEN - VOLUME_FIXED_LEN) / 16;

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::aligned::AlignedBuf;
 use crate::server::Service;
-use crate::store::{ReadPiece, Refusal, Volume, partition_of};
+use crate::store::{Admitted, ReadPiece, Refusal, Volume, partition_of};
 
 /// Regions copied between two cleaning steps of a resync.
 const RESYNC_BATCH: usize = 64;
@@ -65,6 +65,25 @@ struct Failure {
     signal: tokio::sync::Notify,
 }
 
+/// Why a forward did not succeed.
+#[derive(Debug)]
+enum ForwardError {
+    /// The mirror holds a newer epoch: this server's map is behind (a push
+    /// to it is on the way). Not the mirror's fault.
+    Behind(Epoch),
+    /// The mirror did not take the request.
+    Failed(String),
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardError::Behind(epoch) => write!(f, "the mirror is at the newer epoch {epoch}"),
+            ForwardError::Failed(reason) => f.write_str(reason),
+        }
+    }
+}
+
 /// Progress of one running resync.
 #[derive(Debug)]
 struct Resync {
@@ -90,7 +109,7 @@ pub struct Replication {
     failures: RefCell<HashMap<PeerKey, Rc<Failure>>>,
     /// Regions the primary must copy to a peer before their bits may clear.
     must_copy: RefCell<HashMap<PeerKey, BTreeSet<u64>>>,
-    /// Partitions this server was primary of at the last tick.
+    /// Partitions this server leads, as of the last map applied.
     leading: RefCell<HashSet<(VolumeId, u64)>>,
     resyncs: RefCell<HashMap<(VolumeId, String, u64), Rc<Resync>>>,
     resynced_bytes: Cell<u64>,
@@ -116,7 +135,12 @@ impl Drop for InFlight<'_> {
 }
 
 impl Replication {
-    pub fn new(me: String, region_size: u32, endpoint: &Endpoint, settings: ReplicationSettings) -> Self {
+    pub fn new(
+        me: String,
+        region_size: u32,
+        endpoint: &Endpoint,
+        settings: ReplicationSettings,
+    ) -> Self {
         Replication {
             me,
             region_size: u64::from(region_size),
@@ -218,9 +242,49 @@ impl Replication {
             .is_some_and(|f| matches!(f.reported.get(), Some(Ok(()))))
     }
 
-    /// A new map for `volume` arrived: failures recorded under the old one are settled.
-    pub fn map_changed(&self, volume: VolumeId) {
+    /// A map for `volume` was applied. Failures recorded under the old one
+    /// are settled. Partitions this server leads now but did not before
+    /// (it was promoted, or it restarted) may hold writes that reached some
+    /// replicas only: the regions its bits name are copied to the in-sync
+    /// mirrors before those bits may clear.
+    pub fn map_changed(&self, service: &Service, volume: VolumeId) {
         self.failures.borrow_mut().retain(|(v, _), _| *v != volume);
+        let Some(map) = service.store.volume(volume).and_then(|v| v.map()) else {
+            return;
+        };
+        let mut leading = self.leading.borrow_mut();
+        let before: HashSet<u64> = leading
+            .iter()
+            .filter(|(v, _)| *v == volume)
+            .map(|(_, p)| *p)
+            .collect();
+        leading.retain(|(v, _)| *v != volume);
+        for p in &map.partitions {
+            if p.replicas.first().map(|r| &r.server) != Some(&self.me) {
+                continue;
+            }
+            leading.insert((volume, p.first_page));
+            if before.contains(&p.first_page) {
+                continue;
+            }
+            let range = self.partition_regions(&map, p);
+            for peer in p.replicas.iter().skip(1) {
+                let ours: Vec<u64> = service
+                    .store
+                    .dirty_regions(volume, &peer.server)
+                    .into_iter()
+                    .filter(|r| range.contains(r))
+                    .collect();
+                if !ours.is_empty() {
+                    info!(volume = %volume, mirror = %peer.server, regions = ours.len(), "leading a partition: its bits name regions a write may have left unequal");
+                    self.must_copy
+                        .borrow_mut()
+                        .entry((volume, peer.server.clone()))
+                        .or_default()
+                        .extend(ours);
+                }
+            }
+        }
     }
 
     fn next_request_id(&self) -> u64 {
@@ -237,7 +301,7 @@ impl Replication {
         target: &Replica,
         request: &Request,
         payload: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), ForwardError> {
         let failure = self
             .failures
             .borrow_mut()
@@ -251,15 +315,13 @@ impl Replication {
                 let mut forwarded = request.clone();
                 forwarded.flags |= FLAG_REPLICA;
                 forwarded.request_id = self.next_request_id();
+                let failed = |e: tessera_net::quic::QuicError| ForwardError::Failed(e.to_string());
                 let conn = self
                     .data
                     .get(target.addr, &target.server)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let (reply, message) = conn
-                    .data(&forwarded, payload)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(failed)?;
+                let (reply, message) = conn.data(&forwarded, payload).await.map_err(failed)?;
                 match reply.status {
                     Status::Ok => return Ok(()),
                     // The mirror has not applied the new map yet: it is being pushed.
@@ -268,22 +330,25 @@ impl Replication {
                     {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
+                    Status::StaleEpoch if reply.epoch > request.epoch => {
+                        return Err(ForwardError::Behind(reply.epoch));
+                    }
                     status => {
-                        return Err(format!(
+                        return Err(ForwardError::Failed(format!(
                             "{status:?}: {}",
                             String::from_utf8_lossy(&message)
-                        ));
+                        )));
                     }
                 }
             }
         };
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline.into(), attempt) => {
-                r.unwrap_or_else(|_| Err(format!("no answer within {:?}", self.settings.forward_timeout)))
+                r.unwrap_or_else(|_| Err(ForwardError::Failed(format!("no answer within {:?}", self.settings.forward_timeout))))
             }
-            () = abandoned => Err("mirror written off".into()),
+            () = abandoned => Err(ForwardError::Failed("mirror written off".into())),
         };
-        if outcome.is_err() {
+        if matches!(outcome, Err(ForwardError::Failed(_))) {
             // A dead connection would stall the next attempt too.
             self.data.forget(target.addr);
         }
@@ -441,10 +506,13 @@ impl Replication {
 }
 
 /// Execute an admitted write, trim or write-zeroes as the partition's
-/// primary: intent bits, local I/O and forwarding in parallel.
+/// primary: intent bits, local I/O and forwarding in parallel. The epoch
+/// gate (`admitted`) is let go once the I/O is done: waiting for the
+/// management server to record a lost mirror must not hold up a map push.
 pub async fn primary_write(
     service: &Service,
     volume: &Volume,
+    admitted: Admitted<'_>,
     request: &Request,
     payload: Option<AlignedBuf>,
 ) -> Result<(), Refusal> {
@@ -469,7 +537,7 @@ pub async fn primary_write(
         return apply_local(service, volume, request, payload).await;
     }
     let regions = repl.regions_of(request.offset, u64::from(request.length));
-    let _in_flight = repl.begin(volume.id, regions.clone());
+    let in_flight = repl.begin(volume.id, regions.clone());
     let locks: Vec<Rc<RwLock<()>>> = regions.clone().map(|r| repl.lock(volume.id, r)).collect();
     let mut guards = Vec::with_capacity(locks.len());
     for lock in &locks {
@@ -493,30 +561,57 @@ pub async fn primary_write(
             .map(|t| repl.forward(volume.id, t, request, &bytes)),
     );
     let (local, remote) = futures_util::future::join(local, remote).await;
-    if local.is_err() {
-        // The mirrors may now hold what this replica does not: copy ours back.
+    // Replicas that did not take the write must get this region copied
+    // before its bits may clear: ours to all mirrors if the local I/O failed.
+    let missed: Vec<&str> = if local.is_err() {
+        names.clone()
+    } else {
+        targets
+            .iter()
+            .zip(&remote)
+            .filter(|(_, outcome)| outcome.is_err())
+            .map(|(t, _)| t.server.as_str())
+            .collect()
+    };
+    if !missed.is_empty() {
         let mut must = repl.must_copy.borrow_mut();
-        for name in &names {
+        for name in missed {
             must.entry((volume.id, name.to_string()))
                 .or_default()
                 .extend(regions.clone());
         }
     }
-    for (target, outcome) in targets.iter().zip(remote) {
-        if let Err(reason) = outcome {
-            debug!(volume = %volume.id, mirror = %target.server, %reason, "forward failed");
-            repl.mirror_failed(volume.id, epoch, partition.first_page, &target.server)
-                .await?;
-        }
-    }
     drop(guards);
     drop(locks);
+    drop(in_flight);
     repl.unlock_idle(volume.id, regions);
+    drop(admitted);
+    for (target, outcome) in targets.iter().zip(remote) {
+        match outcome {
+            Ok(()) => {}
+            Err(ForwardError::Behind(current)) => {
+                return Err(Refusal {
+                    status: Status::StaleEpoch,
+                    epoch: current,
+                    message: format!("mirror {} holds a newer map", target.server),
+                });
+            }
+            Err(ForwardError::Failed(reason)) => {
+                debug!(volume = %volume.id, mirror = %target.server, %reason, "forward failed");
+                repl.mirror_failed(volume.id, epoch, partition.first_page, &target.server)
+                    .await?;
+            }
+        }
+    }
     local
 }
 
 /// FLUSH as a primary: locally and on every mirror this server forwards to.
-pub async fn primary_flush(service: &Service, volume: &Volume) -> Result<(), Refusal> {
+pub async fn primary_flush(
+    service: &Service,
+    volume: &Volume,
+    admitted: Admitted<'_>,
+) -> Result<(), Refusal> {
     let repl = &service.replication;
     let epoch = volume.epoch();
     let mut targets: Vec<(Replica, u64)> = Vec::new();
@@ -543,11 +638,22 @@ pub async fn primary_flush(service: &Service, volume: &Volume) -> Result<(), Ref
             .map(|(t, _)| repl.forward(volume.id, t, &request, &[])),
     );
     let (local, remote) = futures_util::future::join(local, remote).await;
+    drop(admitted);
     local.map_err(|e| io_refusal(volume, &e))?;
     for ((target, first_page), outcome) in targets.iter().zip(remote) {
-        if outcome.is_err() {
-            repl.mirror_failed(volume.id, epoch, *first_page, &target.server)
-                .await?;
+        match outcome {
+            Ok(()) => {}
+            Err(ForwardError::Behind(current)) => {
+                return Err(Refusal {
+                    status: Status::StaleEpoch,
+                    epoch: current,
+                    message: format!("mirror {} holds a newer map", target.server),
+                });
+            }
+            Err(ForwardError::Failed(_)) => {
+                repl.mirror_failed(volume.id, epoch, *first_page, &target.server)
+                    .await?;
+            }
         }
     }
     Ok(())
@@ -665,38 +771,18 @@ pub async fn replication_loop(service: Rc<Service>) {
     }
 }
 
-/// Start the resyncs that are due.
+/// Start the resyncs that are due: mirrors being resynced, and in-sync
+/// mirrors with regions to copy.
 fn schedule(service: &Rc<Service>) {
     let repl = &service.replication;
-    let mut leading = HashSet::new();
     for volume in service.store.volumes() {
         let Some(map) = volume.map() else { continue };
         for p in &map.partitions {
             if p.replicas.first().map(|r| &r.server) != Some(&repl.me) {
                 continue;
             }
-            leading.insert((volume.id, p.first_page));
             let range = repl.partition_regions(&map, p);
-            let newly = !repl.leading.borrow().contains(&(volume.id, p.first_page));
             for peer in p.replicas.iter().skip(1) {
-                if newly && peer.state == MirrorState::InSync {
-                    // Newly primary (promoted, or restarted): a write may have
-                    // reached some replicas only; copy what our bits name.
-                    let ours: Vec<u64> = service
-                        .store
-                        .dirty_regions(volume.id, &peer.server)
-                        .into_iter()
-                        .filter(|r| range.contains(r))
-                        .collect();
-                    if !ours.is_empty() {
-                        info!(volume = %volume.id, mirror = %peer.server, regions = ours.len(), "leading a partition: copying regions a write may have left unequal");
-                        repl.must_copy
-                            .borrow_mut()
-                            .entry((volume.id, peer.server.clone()))
-                            .or_default()
-                            .extend(ours);
-                    }
-                }
                 let pending = repl
                     .must_copy
                     .borrow()
@@ -711,7 +797,9 @@ fn schedule(service: &Rc<Service>) {
                         copied: Cell::new(0),
                         started: Instant::now(),
                     });
-                    repl.resyncs.borrow_mut().insert(key.clone(), resync.clone());
+                    repl.resyncs
+                        .borrow_mut()
+                        .insert(key.clone(), resync.clone());
                     let service = service.clone();
                     tokio_uring::spawn(async move {
                         resync_partition(&service, &key, &resync).await;
@@ -721,7 +809,6 @@ fn schedule(service: &Rc<Service>) {
             }
         }
     }
-    *repl.leading.borrow_mut() = leading;
 }
 
 /// One cleaning pass: flush here and on the mirrors, then clear the bits of
@@ -739,8 +826,9 @@ async fn clean(service: &Service) {
             }
             let range = repl.partition_regions(&map, p);
             for peer in p.replicas.iter().skip(1) {
-                if peer.state == MirrorState::OutOfSync || repl.written_off(volume.id, &peer.server)
-                {
+                // Only in-sync mirrors: a resyncing one may still lack regions
+                // whose bits are set (its resync clears them as it copies).
+                if peer.state != MirrorState::InSync || repl.written_off(volume.id, &peer.server) {
                     continue;
                 }
                 let must = repl.must_copy.borrow();
@@ -757,7 +845,13 @@ async fn clean(service: &Service) {
                     }
                 }
                 if !regions.is_empty() {
-                    work.push((volume.clone(), peer.clone(), p.replicas.clone(), regions, stamps));
+                    work.push((
+                        volume.clone(),
+                        peer.clone(),
+                        p.replicas.clone(),
+                        regions,
+                        stamps,
+                    ));
                 }
             }
         }
@@ -788,7 +882,14 @@ async fn clean(service: &Service) {
             continue;
         }
         repl.forget_quiet(volume.id, &clean, &clean_stamps);
-        tell_clean(repl, volume.id, &replicas, &[repl.me.clone(), peer.server.clone()], &clean).await;
+        tell_clean(
+            repl,
+            volume.id,
+            &replicas,
+            &[repl.me.clone(), peer.server.clone()],
+            &clean,
+        )
+        .await;
     }
 }
 
@@ -806,7 +907,10 @@ async fn tell_clean(
         regions: region_runs(regions),
         region_size: repl.region_size(),
     };
-    for r in replicas.iter().filter(|r| r.server != repl.me && r.state != MirrorState::OutOfSync) {
+    for r in replicas
+        .iter()
+        .filter(|r| r.server != repl.me && r.state != MirrorState::OutOfSync)
+    {
         if let Err(e) = repl.call_peer(r, &request).await {
             debug!(peer = %r.server, error = %e, "clean not delivered; its bits stay set");
         }
@@ -823,11 +927,20 @@ fn still_leading(
 ) -> Option<(Rc<Volume>, Rc<VolumeMap>, Partition, Replica)> {
     let v = service.store.volume(volume)?;
     let map = v.map()?;
-    let p = map.partitions.iter().find(|p| p.first_page == first_page)?.clone();
+    let p = map
+        .partitions
+        .iter()
+        .find(|p| p.first_page == first_page)?
+        .clone();
     if p.replicas.first().map(|r| &r.server) != Some(&service.replication.me) {
         return None;
     }
-    let r = p.replicas.iter().skip(1).find(|r| r.server == peer)?.clone();
+    let r = p
+        .replicas
+        .iter()
+        .skip(1)
+        .find(|r| r.server == peer)?
+        .clone();
     if r.state == MirrorState::OutOfSync {
         return None;
     }
@@ -880,7 +993,11 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
                 }
             }
             other => {
-                debug!(peer = peer_name, ?other, "cannot fetch the mirror's bits; retrying later");
+                debug!(
+                    peer = peer_name,
+                    ?other,
+                    "cannot fetch the mirror's bits; retrying later"
+                );
                 return;
             }
         }
@@ -895,11 +1012,17 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
         let mut stamps = Vec::with_capacity(batch.len());
         for region in batch {
             // Rate limit: never ahead of the configured bytes per second.
-            let due = Duration::from_secs_f64(copied_bytes as f64 / repl.settings.resync_rate.max(1) as f64);
+            let due = Duration::from_secs_f64(
+                copied_bytes as f64 / repl.settings.resync_rate.max(1) as f64,
+            );
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
             match copy_region(service, volume_id, first_page, peer_name, *region).await {
+                Err(ForwardError::Behind(epoch)) => {
+                    debug!(volume = %volume_id, mirror = peer_name, %epoch, "resync paused: this server's map is behind");
+                    return;
+                }
                 Ok((bytes, stamp)) => {
                     copied_bytes += bytes;
                     repl.resynced_bytes.set(repl.resynced_bytes.get() + bytes);
@@ -907,10 +1030,14 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
                     copied.push(*region);
                     stamps.push(stamp);
                 }
-                Err(reason) => {
+                Err(ForwardError::Failed(reason)) => {
                     warn!(volume = %volume_id, mirror = peer_name, region, %reason, "resync stopped");
-                    if let Some((v, _, _, _)) = still_leading(service, volume_id, first_page, peer_name) {
-                        let _ = repl.mirror_failed(volume_id, v.epoch(), first_page, peer_name).await;
+                    if let Some((v, _, _, _)) =
+                        still_leading(service, volume_id, first_page, peer_name)
+                    {
+                        let _ = repl
+                            .mirror_failed(volume_id, v.epoch(), first_page, peer_name)
+                            .await;
                     }
                     return;
                 }
@@ -934,10 +1061,12 @@ async fn copy_region(
     first_page: u64,
     peer_name: &str,
     region: u64,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64), ForwardError> {
     let repl = &service.replication;
     let (volume, map, partition, peer) = still_leading(service, volume_id, first_page, peer_name)
-        .ok_or("no longer the primary, or the mirror is out of sync")?;
+        .ok_or_else(|| {
+        ForwardError::Failed("no longer the primary, or the mirror is out of sync".into())
+    })?;
     let _gate = volume.hold().await;
     let lock = repl.lock(volume_id, region);
     let _exclusive = lock.write().await;
@@ -955,7 +1084,7 @@ async fn copy_region(
         .store
         .read(&volume, start, len)
         .await
-        .map_err(|r| r.message)?;
+        .map_err(|r| ForwardError::Failed(r.message))?;
     let mut data = Vec::new();
     let mut zero = true;
     for piece in &pieces {
@@ -966,7 +1095,14 @@ async fn copy_region(
         }
     }
     let mut request = if zero {
-        Request::new(Opcode::WriteZeroes, volume_id, volume.epoch(), start, len, 0)
+        Request::new(
+            Opcode::WriteZeroes,
+            volume_id,
+            volume.epoch(),
+            start,
+            len,
+            0,
+        )
     } else {
         for piece in &pieces {
             match piece {
@@ -974,7 +1110,8 @@ async fn copy_region(
                 ReadPiece::Zeroes(n) => data.resize(data.len() + n, 0),
             }
         }
-        Request::write(volume_id, volume.epoch(), start, &data, 0).map_err(|e| e.to_string())?
+        Request::write(volume_id, volume.epoch(), start, &data, 0)
+            .map_err(|e| ForwardError::Failed(e.to_string()))?
     };
     request.flags |= FLAG_RESYNC;
     repl.forward(volume_id, &peer, &request, &data).await?;
@@ -995,7 +1132,8 @@ async fn finish_batch(
     stamps: &[u64],
 ) -> bool {
     let repl = &service.replication;
-    let Some((volume, _, partition, peer)) = still_leading(service, volume_id, first_page, peer_name)
+    let Some((volume, _, partition, peer)) =
+        still_leading(service, volume_id, first_page, peer_name)
     else {
         return false;
     };
@@ -1019,7 +1157,11 @@ async fn finish_batch(
         .filter(|(r, s)| repl.quiet(volume_id, **r) == Some(**s))
         .map(|(r, s)| (*r, *s))
         .unzip();
-    if let Err(e) = service.store.clear_dirty(volume_id, peer_name, &clean).await {
+    if let Err(e) = service
+        .store
+        .clear_dirty(volume_id, peer_name, &clean)
+        .await
+    {
         warn!(error = %e, "cannot clear bits after resync");
         return false;
     }

@@ -67,7 +67,16 @@ async fn session(
             .store
             .volumes()
             .iter()
-            .map(|v| (v.id, if v.map().is_some() { v.epoch() } else { Epoch(0) }))
+            .map(|v| {
+                (
+                    v.id,
+                    if v.map().is_some() {
+                        v.epoch()
+                    } else {
+                        Epoch(0)
+                    },
+                )
+            })
             .collect();
         match conn.mgmt(&MgmtRequest::Heartbeat { held }).await? {
             MgmtReply::Maps { maps, dropped, .. } => {
@@ -75,7 +84,7 @@ async fn session(
                     if let MgmtReply::Refused(refusal) = service.store.handle_push(&map).await {
                         warn!(volume = %map.id, %refusal, "map from heartbeat not applied");
                     }
-                    service.replication.map_changed(map.id);
+                    service.replication.map_changed(service, map.id);
                 }
                 for id in dropped {
                     if let Err(e) = service.store.drop_volume(id).await {

@@ -326,7 +326,7 @@ async fn serve_mgmt_request(service: &Service, request: MgmtRequest) -> MgmtRepl
     match request {
         MgmtRequest::PushMap { map } => {
             let reply = store.handle_push(&map).await;
-            service.replication.map_changed(map.id);
+            service.replication.map_changed(service, map.id);
             reply
         }
         MgmtRequest::CheckMap { map } => match store.check_map(&map) {
@@ -394,7 +394,9 @@ async fn region_checksums(
     };
     let (first, last) = (offset / page, (end - 1) / page);
     if !record.ranges.iter().any(|(a, b)| *a <= first && last < *b) {
-        return invalid(format!("pages {first}..={last} are not held by this server"));
+        return invalid(format!(
+            "pages {first}..={last} are not held by this server"
+        ));
     }
     let mut sums = Vec::new();
     let mut at = offset;
@@ -529,7 +531,7 @@ async fn execute(
         None
     };
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
-    let _admitted = store.admit(&volume, request, peer).await?;
+    let admitted = store.admit(&volume, request, peer).await?;
     let epoch = volume.epoch();
     let forwarded = request.flags & FLAG_REPLICA != 0;
     let pieces = match (request.opcode, payload) {
@@ -538,12 +540,12 @@ async fn execute(
             if forwarded {
                 replication::mirror_write(service, &volume, request, payload).await?;
             } else {
-                replication::primary_write(service, &volume, request, payload).await?;
+                replication::primary_write(service, &volume, admitted, request, payload).await?;
             }
             Vec::new()
         }
         (Opcode::Flush, _) if !forwarded => {
-            replication::primary_flush(service, &volume).await?;
+            replication::primary_flush(service, &volume, admitted).await?;
             Vec::new()
         }
         (Opcode::Flush, _) => {

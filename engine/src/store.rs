@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use tessera_net::proto::{
-    Epoch, FLAG_REPLICA, MAX_VOLUME_SIZE, MgmtReply, MirrorState, Partition, Request,
-    Role, Status, VolumeId, VolumeMap,
+    Epoch, FLAG_REPLICA, MAX_VOLUME_SIZE, MgmtReply, MirrorState, Partition, Request, Role, Status,
+    VolumeId, VolumeMap,
 };
 use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};

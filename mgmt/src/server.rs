@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tessera_net::proto::{
-    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, MirrorReport, MirrorState,
-    Refusal, Role, ServerStatus, VolumeId, VolumeMap,
+    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, MirrorReport, MirrorState, Refusal,
+    Role, ServerStatus, VolumeId, VolumeMap,
 };
 use tessera_net::quic::{
     Alpn, Connector, Endpoint, PeerConnection, PeerIdentity, TlsPaths, TransportTuning,
@@ -227,7 +227,10 @@ impl Manager {
                 epoch,
                 first_page,
                 server,
-            } => self.resync_done(peer, volume, epoch, first_page, server).await,
+            } => {
+                self.resync_done(peer, volume, epoch, first_page, server)
+                    .await
+            }
             MgmtRequest::ReportMirrors {
                 mut mirrors,
                 resynced_bytes,
@@ -766,7 +769,12 @@ impl Manager {
             Ok(found) => found,
             Err(r) => return refused(r),
         };
-        let Some(replica) = partition.replicas.iter().skip(1).find(|r| r.server == server) else {
+        let Some(replica) = partition
+            .replicas
+            .iter()
+            .skip(1)
+            .find(|r| r.server == server)
+        else {
             return refused(Refusal::NotFound {
                 kind: "mirror".into(),
                 name: server.to_string(),

@@ -456,7 +456,10 @@ impl ClusterState {
                     )
                 };
                 let partition = partition.ok_or_else(missing)?;
-                if partition.replicas.first().is_some_and(|r| &r.server == server)
+                if partition
+                    .replicas
+                    .first()
+                    .is_some_and(|r| &r.server == server)
                     && *state != MirrorState::InSync
                 {
                     return Err(invalid(format!(

@@ -291,7 +291,10 @@ fn losing_a_primary_promotes_an_in_sync_mirror() {
             up: false,
         })
         .unwrap();
-    assert_eq!(s.volumes["v"].epoch, out.epoch, "a promotion is an epoch bump");
+    assert_eq!(
+        s.volumes["v"].epoch, out.epoch,
+        "a promotion is an epoch bump"
+    );
     assert_eq!(
         replicas(&s, "v"),
         vec![
@@ -345,7 +348,10 @@ fn a_wiped_disk_puts_its_replicas_out_of_sync() {
         incarnation: record.incarnation + 1,
     })
     .unwrap();
-    assert_eq!(replicas(&s, "v")[1], (primary.clone(), MirrorState::OutOfSync));
+    assert_eq!(
+        replicas(&s, "v")[1],
+        (primary.clone(), MirrorState::OutOfSync)
+    );
     assert!(s.servers[&primary].up, "registered, so up");
 }
 
@@ -446,8 +452,24 @@ fn arb_command() -> impl Strategy<Value = Command> {
             incarnation: u64::from(port % 2),
         }),
         (server.clone(), any::<bool>()).prop_map(|(name, up)| Command::MarkServer { name, up }),
-        (volume.clone(), 0u64..8, server.clone(), prop::sample::select(vec![MirrorState::InSync, MirrorState::OutOfSync, MirrorState::Resyncing]))
-            .prop_map(|(volume, first_page, server, state)| Command::SetMirrorState { volume, first_page, server, state }),
+        (
+            volume.clone(),
+            0u64..8,
+            server.clone(),
+            prop::sample::select(vec![
+                MirrorState::InSync,
+                MirrorState::OutOfSync,
+                MirrorState::Resyncing
+            ])
+        )
+            .prop_map(
+                |(volume, first_page, server, state)| Command::SetMirrorState {
+                    volume,
+                    first_page,
+                    server,
+                    state
+                }
+            ),
         (server, any::<bool>()).prop_map(|(name, force)| Command::RemoveServer { name, force }),
         (volume.clone(), 1u64..64, 1u8..4).prop_map(|(name, mib, replicas)| create(
             &name,

@@ -375,7 +375,9 @@ pub enum MgmtReply {
         region_size: u32,
     },
     /// Answer to `RegionChecksums`, one per region.
-    Checksums { sums: Vec<u32> },
+    Checksums {
+        sums: Vec<u32>,
+    },
 }
 
 /// Encode `message` as one frame.

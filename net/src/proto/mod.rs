@@ -13,15 +13,14 @@ pub mod mgmt;
 
 pub use error::ProtoError;
 pub use header::{
-    BLOCK_SIZE, Epoch, FLAG_FUA, FLAG_REPLICA, FLAG_RESYNC, MAX_ERROR_MESSAGE, MAX_IO_LEN, MAX_VOLUME_SIZE, Opcode,
-    REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Reply, Request, Status, VolumeId, checksum, parse_reply,
-    parse_request,
+    BLOCK_SIZE, Epoch, FLAG_FUA, FLAG_REPLICA, FLAG_RESYNC, MAX_ERROR_MESSAGE, MAX_IO_LEN,
+    MAX_VOLUME_SIZE, Opcode, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Reply, Request, Status,
+    VolumeId, checksum, parse_reply, parse_request,
 };
 pub use mgmt::{
     AdminCommand, ClusterStatus, MAX_CHECKSUM_REGIONS, MAX_FRAME_LEN, MgmtReply, MgmtRequest,
     MirrorReport, MirrorState, Partition, Refusal, Replica, ResyncProgress, Role, ServerStatus,
-    VolumeMap, region_runs, decode_frame, decode_frame_body, encode_frame,
-    frame_len,
+    VolumeMap, decode_frame, decode_frame_body, encode_frame, frame_len, region_runs,
 };
 
 #[cfg(test)]

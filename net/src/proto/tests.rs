@@ -324,7 +324,10 @@ fn all_replies() -> Vec<MgmtReply> {
 #[test]
 fn region_runs_merge_neighbours() {
     assert_eq!(region_runs(&[]), vec![]);
-    assert_eq!(region_runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 4), (7, 8), (9, 11)]);
+    assert_eq!(
+        region_runs(&[1, 2, 3, 7, 9, 10]),
+        vec![(1, 4), (7, 8), (9, 11)]
+    );
 }
 
 #[test]
