@@ -294,12 +294,12 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
         started.elapsed().as_secs_f64() * 1000.0
     );
 
-    if let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await? {
-        if let Some(v) = status.volumes.iter().find(|v| v.name == VOLUME) {
-            let rows = crate::mirror_cmd::rows(&status, v);
-            let in_sync = rows.iter().filter(|r| r.state == "in sync").count();
-            println!("mirrors: {in_sync} of {} in sync", rows.len());
-        }
+    if let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await?
+        && let Some(v) = status.volumes.iter().find(|v| v.name == VOLUME)
+    {
+        let rows = crate::mirror_cmd::rows(&status, v);
+        let in_sync = rows.iter().filter(|r| r.state == "in sync").count();
+        println!("mirrors: {in_sync} of {} in sync", rows.len());
     }
 
     let listener = Listener::bind(&command.nbd)

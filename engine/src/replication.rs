@@ -93,6 +93,8 @@ struct Resync {
 }
 
 type PeerKey = (VolumeId, String);
+/// Client writes hold a region's lock shared; a resync copy holds it exclusively.
+type RegionLock = Rc<RwLock<()>>;
 
 /// Replication state of one storage server.
 #[derive(Debug)]
@@ -105,7 +107,7 @@ pub struct Replication {
     mgmt: Connector,
     regions: RefCell<HashMap<(VolumeId, u64), RegionUse>>,
     next_generation: Cell<u64>,
-    locks: RefCell<HashMap<(VolumeId, u64), Rc<RwLock<()>>>>,
+    locks: RefCell<HashMap<(VolumeId, u64), RegionLock>>,
     failures: RefCell<HashMap<PeerKey, Rc<Failure>>>,
     /// Regions the primary must copy to a peer before their bits may clear.
     must_copy: RefCell<HashMap<PeerKey, BTreeSet<u64>>>,
@@ -312,7 +314,7 @@ impl Replication {
         let deadline = Instant::now() + self.settings.forward_timeout;
         let attempt = async {
             loop {
-                let mut forwarded = request.clone();
+                let mut forwarded = *request;
                 forwarded.flags |= FLAG_REPLICA;
                 forwarded.request_id = self.next_request_id();
                 let failed = |e: tessera_net::quic::QuicError| ForwardError::Failed(e.to_string());
