@@ -17,7 +17,11 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_driver::{Client, MgmtServer, Volume};
-use tessera_net::proto::{AdminCommand, ClusterStatus, MgmtReply, MirrorState, Role};
+use tessera_net::proto::{
+    AdminCommand, ClusterStatus, Epoch, FLAG_REPLICA, MgmtReply, MgmtRequest, MirrorState, Request,
+    Role, Status, VolumeId,
+};
+use tessera_net::quic::Alpn;
 
 const BLOCK: u64 = 4096;
 /// Heartbeat timeout of the management server in these tests.
@@ -258,6 +262,126 @@ fn verify(cluster: &TestCluster, mgmt: &MgmtProc, volume: &str) {
 
 fn restart(cluster: &TestCluster, mgmt: &MgmtProc, name: &str) -> StorageProc {
     StorageProc::start(cluster, name, "256M", &["--mgmt", &mgmt.addr.to_string()])
+}
+
+/// crc32c of each 64 KiB region of `[0, len)` of volume 1 as `server` holds it.
+async fn region_sums(cluster: &TestCluster, server: &StorageProc, len: u64) -> Vec<u32> {
+    let conn = cluster
+        .endpoint(Role::Admin, "admin")
+        .connect(server.addr, &server.name, Alpn::Mgmt, Role::Storage)
+        .await
+        .unwrap();
+    let request = MgmtRequest::RegionChecksums {
+        volume: VolumeId(1),
+        offset: 0,
+        length: len,
+        region_size: 64 << 10,
+    };
+    match conn.mgmt(&request).await.unwrap() {
+        MgmtReply::Checksums { sums } => sums,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The fencing rules of the data path, with raw requests: only the primary
+/// takes client writes; a mirror takes forwarded writes only from the
+/// primary, at the current epoch, while it is not out of sync; a primary
+/// records in its bits what an out-of-sync mirror misses.
+#[tokio::test]
+async fn forwarding_rules_fence_everyone_but_the_primary() {
+    let cluster = TestCluster::new();
+    let s1 = StorageProc::start(&cluster, "s1", "64M", &[]);
+    let s2 = StorageProc::start(&cluster, "s2", "64M", &[]);
+    let mgmt = cluster.endpoint(Role::Mgmt, "mgmt-1");
+    let map = whole_volume(1, 5, 16 * MIB, &[&s1, &s2]);
+    for s in [&s1, &s2] {
+        assert!(matches!(
+            push(&mgmt, s, &map).await,
+            MgmtReply::Applied { .. }
+        ));
+    }
+    let client = cluster.endpoint(Role::Client, "app");
+    let data = pattern(1, 4096);
+    let forwarded = |epoch: u64, offset: u64| {
+        let mut r = Request::write(VolumeId(1), Epoch(epoch), offset, &data, 1).unwrap();
+        r.flags |= FLAG_REPLICA;
+        r
+    };
+
+    // A client write to the mirror would skip replication.
+    let to_mirror = s2.connect(&client).await;
+    assert_eq!(
+        write(&to_mirror, 1, 5, 0, &data).await.status,
+        Status::NotOwner
+    );
+    // A client cannot pose as a primary.
+    let reply = to_mirror.data(&forwarded(5, 0), &data).await.unwrap().0;
+    assert_eq!(reply.status, Status::Forbidden);
+    // Nor can a storage server that is not the partition's primary.
+    let s3 = cluster.endpoint(Role::Storage, "s3");
+    let reply = s2
+        .connect(&s3)
+        .await
+        .data(&forwarded(5, 0), &data)
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(reply.status, Status::NotOwner);
+    // The primary at an older epoch (a deposed primary) is refused.
+    let as_primary = s2.connect(&cluster.endpoint(Role::Storage, "s1")).await;
+    let reply = as_primary.data(&forwarded(4, 0), &data).await.unwrap().0;
+    assert_eq!((reply.status, reply.epoch), (Status::StaleEpoch, Epoch(5)));
+
+    // Through the primary, a write lands on both replicas.
+    let to_primary = s1.connect(&client).await;
+    let both = pattern(2, 64 << 10);
+    assert_eq!(write(&to_primary, 1, 5, 0, &both).await.status, Status::Ok);
+    assert_eq!(
+        region_sums(&cluster, &s1, 64 << 10).await,
+        region_sums(&cluster, &s2, 64 << 10).await
+    );
+
+    // Out of sync, the mirror takes nothing more; the primary goes on alone
+    // and its bits name what the mirror missed.
+    let mut away = whole_volume(1, 6, 16 * MIB, &[&s1, &s2]);
+    away.partitions[0].replicas[1].state = MirrorState::OutOfSync;
+    for s in [&s1, &s2] {
+        assert!(matches!(
+            push(&mgmt, s, &away).await,
+            MgmtReply::Applied { .. }
+        ));
+    }
+    let reply = as_primary.data(&forwarded(6, 0), &data).await.unwrap().0;
+    assert_eq!(reply.status, Status::NotOwner);
+    assert_eq!(
+        write(&to_primary, 1, 6, 3 * (64 << 10), &data).await.status,
+        Status::Ok
+    );
+    let peer = s3
+        .connect(s1.addr, "s1", Alpn::Mgmt, Role::Storage)
+        .await
+        .unwrap();
+    let ask = MgmtRequest::DirtyRegions {
+        volume: VolumeId(1),
+        peer: "s2".into(),
+    };
+    match peer.mgmt(&ask).await.unwrap() {
+        MgmtReply::Regions {
+            all: false,
+            regions,
+            region_size,
+        } => {
+            assert_eq!(region_size, 64 << 10);
+            assert!(regions.contains(&(3, 4)), "{regions:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let sums = (
+        region_sums(&cluster, &s1, 4 << 16).await,
+        region_sums(&cluster, &s2, 4 << 16).await,
+    );
+    assert_eq!(sums.0[..3], sums.1[..3]);
+    assert_ne!(sums.0[3], sums.1[3], "the mirror missed region 3");
 }
 
 /// Kill `victim` during a write workload, keep writing, bring it back and
