@@ -239,16 +239,22 @@ async fn check_acked(volume: &Volume, acked: &HashMap<u64, u64>) {
     }
 }
 
-/// `tessera volume verify`: every replica holds the same bytes.
-fn verify(cluster: &TestCluster, mgmt: &MgmtProc, volume: &str) {
+/// Run an admin command of the `tessera` binary against `mgmt`.
+fn admin_cli(cluster: &TestCluster, mgmt: &MgmtProc, args: &[&str]) -> std::process::Output {
     cluster.issue(Role::Admin, "admin");
-    let out = tessera()
-        .args(["volume", "verify", volume, "--json", "--mgmt"])
+    tessera()
+        .args(args)
+        .arg("--mgmt")
         .arg(mgmt.addr.to_string())
         .arg("--cluster-dir")
         .arg(cluster.dir.path())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `tessera volume verify`: every replica holds the same bytes.
+fn verify(cluster: &TestCluster, mgmt: &MgmtProc, volume: &str) {
+    let out = admin_cli(cluster, mgmt, &["volume", "verify", volume, "--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -490,9 +496,37 @@ async fn resync_copies_only_what_was_written_while_away() {
         states(&away, "big")[0][1],
         ("s2".into(), MirrorState::OutOfSync)
     );
+    // What an operator sees.
+    let out = admin_cli(&cluster, &mgmt, &["mirror", "status", "big", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["state"], "out of sync", "{rows}");
+    assert_eq!(rows[0]["differing_regions"], regions, "{rows}");
+    assert_eq!(rows[0]["differing_bytes"], regions * REGION, "{rows}");
+    let out = admin_cli(&cluster, &mgmt, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("out of sync") && text.contains("regions"),
+        "{text}"
+    );
 
     servers[1] = restart(&cluster, &mgmt, "s2");
-    wait_in_sync(&mgmt, &cluster, "big", 60).await;
+    let out = admin_cli(
+        &cluster,
+        &mgmt,
+        &["mirror", "wait", "big", "--timeout", "60"],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all_in_sync(&status(&mgmt, &cluster).await, "big"));
     let written = regions * REGION;
     // The counter arrives with the heartbeats: wait for the report after the
     // resync, then one more.
@@ -529,6 +563,88 @@ async fn resync_copies_only_what_was_written_while_away() {
         assert!(back == pattern(*r, REGION as usize), "region {r}");
     }
     verify(&cluster, &mgmt, "big");
+}
+
+/// A mirror whose disk was replaced comes back empty: it is copied whole, at
+/// a limited rate, and the copy resumes from the bitmasks after the
+/// management server and the primary are killed in the middle of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_mirror_gets_a_full_copy_that_resumes_after_restarts() {
+    const MIB_WRITTEN: u64 = 24;
+    const REGIONS: u64 = 32 * MIB / (64 << 10);
+    let cluster = TestCluster::new();
+    let mut mgmt = MgmtProc::start(&cluster, HEARTBEAT_TIMEOUT_MS);
+    let config = cluster.path("slow-resync.toml");
+    std::fs::write(&config, "resync_rate = \"3M\"\n").unwrap();
+    let mgmt_addr = mgmt.addr.to_string();
+    let args = ["--mgmt", &mgmt_addr, "--config", config.to_str().unwrap()];
+    let mut s1 = StorageProc::start(&cluster, "s1", "256M", &args);
+    let mut s2 = StorageProc::start(&cluster, "s2", "256M", &args);
+    wait_status(&mgmt, &cluster, "2 servers up", |s| {
+        s.servers.iter().filter(|s| s.up).count() == 2
+    })
+    .await;
+    mirrored_volume(&cluster, &mgmt, "w", 32, &["s1", "s2"]).await;
+    let volume = open(&cluster, &mgmt, "w").await;
+    let data = pattern(9, (MIB_WRITTEN * MIB) as usize);
+    for (i, chunk) in data.chunks(4 << 20).enumerate() {
+        volume.write_at(i as u64 * (4 << 20), chunk).await.unwrap();
+    }
+
+    // A replaced disk: the same server, an empty data file.
+    s2.kill9();
+    std::fs::remove_file(&s2.data).unwrap();
+    s2 = StorageProc::start(&cluster, "s2", "256M", &args);
+    let progress = |s: &ClusterStatus| {
+        s.mirrors
+            .iter()
+            .find(|m| m.peer == "s2")
+            .and_then(|m| m.resync.clone())
+    };
+    let started = wait_status(&mgmt, &cluster, "a full resync under way", |s| {
+        progress(s).is_some_and(|p| p.total_regions == REGIONS && p.copied_regions > 0)
+    })
+    .await;
+    println!("full resync: {:?}", progress(&started));
+
+    // The management server dies and comes back mid-copy...
+    let mgmt_at = mgmt.addr;
+    mgmt.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mgmt = MgmtProc::start_at(&cluster, HEARTBEAT_TIMEOUT_MS, mgmt_at);
+    let before = wait_status(&mgmt, &cluster, "more copied", |s| {
+        progress(s).is_some_and(|p| p.copied_regions > REGIONS / 4)
+    })
+    .await;
+    let copied_bytes = |s: &ClusterStatus| {
+        s.servers
+            .iter()
+            .find(|s| s.name == "s1")
+            .map_or(0, |s| s.resynced_bytes)
+    };
+    let before = copied_bytes(&before);
+    // ...then the primary: its resync starts again from the bits, not from the start.
+    s1.kill9();
+    s1 = StorageProc::start(&cluster, "s1", "256M", &args);
+    let resumed = wait_status(&mgmt, &cluster, "the resync resumed", |s| {
+        // A report of the new process (its byte counter began again).
+        copied_bytes(s) < before
+            && progress(s).is_some_and(|p| p.total_regions > 0)
+            && s.servers.iter().all(|s| s.up)
+    })
+    .await;
+    let resumed = progress(&resumed).unwrap();
+    println!("after the primary's restart: {resumed:?}");
+    assert!(
+        resumed.total_regions <= REGIONS - 64,
+        "the resync started over: {resumed:?}"
+    );
+    wait_in_sync(&mgmt, &cluster, "w", 90).await;
+    let mut back = vec![0u8; data.len()];
+    volume.read_at(0, &mut back).await.unwrap();
+    assert!(back == data, "data read back differs");
+    verify(&cluster, &mgmt, "w");
+    drop((s1, s2));
 }
 
 /// SIGKILL and restart random storage servers while writing; one replica of

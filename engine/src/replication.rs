@@ -726,9 +726,14 @@ pub async fn handle_peer_request(service: &Service, request: MgmtRequest) -> Mgm
     match request {
         MgmtRequest::DirtyRegions { volume, peer } => {
             let all = store.volume(volume).is_none_or(|v| v.needs_full_copy());
+            // What `peer` may lack of ours, and what this replica itself lacks.
+            let mut regions = store.dirty_regions(volume, &peer);
+            regions.extend(store.dirty_regions(volume, &repl.me));
+            regions.sort_unstable();
+            regions.dedup();
             MgmtReply::Regions {
                 all,
-                regions: region_runs(&store.dirty_regions(volume, &peer)),
+                regions: region_runs(&regions),
                 region_size: repl.region_size(),
             }
         }
@@ -738,16 +743,21 @@ pub async fn handle_peer_request(service: &Service, request: MgmtRequest) -> Mgm
             regions,
             region_size,
         } => {
-            // Clear only regions of ours wholly inside the sender's.
-            let theirs = u64::from(region_size.max(1));
-            let mut mine = Vec::new();
-            for (first, end) in regions {
-                let (start, stop) = (first * theirs, end * theirs);
-                let from = start.div_ceil(repl.region_size);
-                let to = stop / repl.region_size;
-                mine.extend(from..to);
-            }
-            for peer in peers.iter().filter(|p| **p != repl.me) {
+            // Clear only regions of ours wholly inside the sender's, and
+            // inside the volume (the numbers come from the network).
+            let Some(held) = store.volume(volume) else {
+                return MgmtReply::Applied { epoch: Epoch(0) };
+            };
+            let limit = 0..held.record().size.div_ceil(repl.region_size);
+            let mine = convert_runs(
+                &regions,
+                region_size,
+                repl.region_size,
+                &limit,
+                Cover::Inside,
+            );
+            // Bits under this server's own name are what it lacks itself.
+            for peer in &peers {
                 if let Err(e) = store.clear_dirty(volume, peer, &mine).await {
                     return MgmtReply::Refused(MgmtRefusal::Unavailable {
                         reason: e.to_string(),
@@ -760,6 +770,43 @@ pub async fn handle_peer_request(service: &Service, request: MgmtRequest) -> Mgm
             reason: format!("a storage server does not serve {}", other.operation()),
         }),
     }
+}
+
+/// How to map another server's regions onto ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    /// Our regions wholly inside theirs (to clear bits: never too many).
+    Inside,
+    /// Our regions touching theirs (to copy: never too few).
+    Touching,
+}
+
+/// Runs of regions of `theirs` bytes as our regions of `ours` bytes, within
+/// `limit`. Saturating: the runs come from the network.
+fn convert_runs(
+    runs: &[(u64, u64)],
+    theirs: u32,
+    ours: u64,
+    limit: &Range<u64>,
+    cover: Cover,
+) -> Vec<u64> {
+    let theirs = u64::from(theirs.max(1));
+    let ours = ours.max(1);
+    let mut out = Vec::new();
+    for (first, end) in runs {
+        let (start, stop) = (first.saturating_mul(theirs), end.saturating_mul(theirs));
+        let (from, to) = match cover {
+            Cover::Inside => (start.div_ceil(ours), stop / ours),
+            Cover::Touching => (start / ours, stop.div_ceil(ours)),
+        };
+        let (from, to) = (from.max(limit.start), to.min(limit.end));
+        if from < to {
+            out.extend(from..to);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The background loop of a storage server's replication: clean bits, start
@@ -986,12 +1033,13 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
                 if all {
                     todo.extend(range.clone());
                 } else {
-                    let theirs = u64::from(region_size.max(1));
-                    for (first, end) in regions {
-                        let bytes = first * theirs..end * theirs;
-                        let mine = repl.regions_of(bytes.start, bytes.end - bytes.start);
-                        todo.extend(mine.filter(|r| range.contains(r)));
-                    }
+                    todo.extend(convert_runs(
+                        &regions,
+                        region_size,
+                        repl.region_size,
+                        &range,
+                        Cover::Touching,
+                    ));
                 }
             }
             other => {
@@ -1201,5 +1249,36 @@ async fn report_resync_done(service: &Service, volume_id: VolumeId, first_page: 
             other => debug!(attempt, ?other, "resync completion not recorded yet"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_convert_between_region_sizes_conservatively() {
+        let all = 0..u64::MAX;
+        // Their 128 KiB regions 1..2 are our 64 KiB regions 2 and 3.
+        assert_eq!(
+            convert_runs(&[(1, 2)], 128 << 10, 64 << 10, &all, Cover::Inside),
+            vec![2, 3]
+        );
+        // Their 64 KiB region 3 lies in half of our 128 KiB region 1: copy it, never clear it.
+        assert_eq!(
+            convert_runs(&[(3, 4)], 64 << 10, 128 << 10, &all, Cover::Touching),
+            vec![1]
+        );
+        assert!(convert_runs(&[(3, 4)], 64 << 10, 128 << 10, &all, Cover::Inside).is_empty());
+        // Hostile numbers neither overflow nor allocate past the limit.
+        let hostile = [(0, u64::MAX), (u64::MAX - 1, u64::MAX)];
+        assert_eq!(
+            convert_runs(&hostile, u32::MAX, 64 << 10, &(5..9), Cover::Touching),
+            vec![5, 6, 7, 8]
+        );
+        assert_eq!(
+            convert_runs(&hostile, 0, 64 << 10, &(0..3), Cover::Inside),
+            vec![0, 1, 2]
+        );
     }
 }

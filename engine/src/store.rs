@@ -600,9 +600,26 @@ impl<D: BlockDevice> Store<D> {
             return Ok(map.epoch);
         }
         // A volume new to this server, on which it is not in sync: its
-        // replicas were lost (a replaced or wiped disk) and must be copied whole.
+        // replicas were lost (a replaced or wiped disk) and must be copied
+        // whole. Bits under this server's own name record what it lacks (set
+        // before the record exists, so a crash cannot leave an empty replica
+        // that looks whole); resync clears them as regions arrive, so a
+        // restarted resync resumes. If the pool cannot hold them, the record
+        // says to copy everything.
         if !in_sync {
-            record.flags |= VOLUME_NEEDS_FULL_COPY;
+            let region = u64::from(self.superblock.geometry.region_size);
+            let page = u64::from(map.page_size);
+            for (first, end) in &record.ranges {
+                let bytes = first * page..(end * page).min(map.size);
+                let regions = bytes.start / region..bytes.end.div_ceil(region);
+                match self.mark_dirty(map.id, &[me.as_str()], regions).await {
+                    Ok(()) => {}
+                    Err(EngineError::BitmaskPoolFull { .. }) => {
+                        record.flags |= VOLUME_NEEDS_FULL_COPY;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         let index =
             self.free_records
