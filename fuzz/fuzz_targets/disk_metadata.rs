@@ -1,12 +1,12 @@
 //! On-disk decoders (a damaged data file is untrusted input): the superblock,
-//! metadata block copies, volume records and slot-table entries never panic,
-//! and what decodes re-encodes to an equal value.
+//! metadata block copies, volume records, bitmask blocks and slot-table
+//! entries never panic, and what decodes re-encodes to an equal value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tessera_engine::format::{
-    MetaCopy, Superblock, VolumeRecord, decode_meta, decode_slot_entries, encode_meta,
-    SLOTS_PER_BLOCK,
+    BitmaskBlock, MetaCopy, Superblock, VolumeRecord, decode_meta, decode_slot_entries,
+    encode_meta, SLOTS_PER_BLOCK,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -23,5 +23,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(record)) = VolumeRecord::decode(data) {
         let again = record.encode().expect("a decoded record encodes");
         assert_eq!(VolumeRecord::decode(&again), Ok(Some(record)));
+    }
+    if let Ok(Some(block)) = BitmaskBlock::decode(data) {
+        let again = block.encode().expect("a decoded bitmask block encodes");
+        assert_eq!(BitmaskBlock::decode(&again), Ok(Some(block)));
     }
 });
