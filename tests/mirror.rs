@@ -3,7 +3,8 @@
 //! driver. Every acknowledged write must read back, resync must copy only
 //! what the bitmasks name, and the replicas must end equal (`volume verify`).
 //!
-//! The long thrash test: `TESSERA_THRASH_SECS=300 cargo test --release --test mirror -- --ignored`.
+//! The long thrash test: `TESSERA_THRASH_SECS=300 cargo test --release --test mirror -- --ignored`
+//! (`TESSERA_THRASH_REPLICAS=3` for three replicas; `TESSERA_SEED=N` replays a run).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -650,10 +651,13 @@ async fn a_wiped_mirror_gets_a_full_copy_that_resumes_after_restarts() {
 /// SIGKILL and restart random storage servers while writing; one replica of
 /// every partition stays alive (one server down at a time, and the next kill
 /// waits until the mirrors are in sync again).
-async fn thrash(duration: Duration, seed: u64) {
-    println!("thrash: seed {seed}, {} s", duration.as_secs());
+async fn thrash(duration: Duration, seed: u64, replicas: u8) {
+    println!(
+        "thrash: seed {seed}, {} s, {replicas} replicas",
+        duration.as_secs()
+    );
     let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
-    let reply = admin(&mgmt, &cluster, create("t", 48, 2, None)).await;
+    let reply = admin(&mgmt, &cluster, create("t", 48, replicas, None)).await;
     assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
     let volume = open(&cluster, &mgmt, "t").await;
     let workload = Workload::start(&volume, 4, seed);
@@ -683,15 +687,19 @@ async fn thrash(duration: Duration, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thrash_short() {
-    thrash(Duration::from_secs(8), seed()).await;
+    thrash(Duration::from_secs(8), seed(), 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "several minutes: TESSERA_THRASH_SECS=300 cargo test --release --test mirror -- --ignored"]
 async fn thrash_long() {
-    let secs = std::env::var("TESSERA_THRASH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    thrash(Duration::from_secs(secs), seed()).await;
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let secs = env("TESSERA_THRASH_SECS", 300);
+    let replicas = env("TESSERA_THRASH_REPLICAS", 2).clamp(2, 3) as u8;
+    thrash(Duration::from_secs(secs), seed(), replicas).await;
 }

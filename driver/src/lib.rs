@@ -278,6 +278,23 @@ impl Volume {
 
     /// Make every completed write durable on every server of the volume.
     pub async fn flush(&self) -> Result<(), DriverError> {
+        // A failover during the flush can move partitions to primaries this
+        // round did not reach: flush again under the new map.
+        for _ in 0..8 {
+            let epoch = self.inner.map.load().epoch;
+            self.flush_primaries().await?;
+            if self.inner.map.load().epoch == epoch {
+                return Ok(());
+            }
+        }
+        Err(DriverError::Unavailable {
+            volume: self.inner.name.clone(),
+            reason: "the map kept changing during a flush".into(),
+        })
+    }
+
+    /// One FLUSH to each primary of the current map.
+    async fn flush_primaries(&self) -> Result<(), DriverError> {
         let map = self.inner.map.load_full();
         // One FLUSH per primary server, addressed through one of its partitions.
         let mut primaries = std::collections::BTreeMap::new();

@@ -97,7 +97,12 @@ impl Bitmasks {
     }
 
     /// Set `regions` for `peer`; returns the pool blocks that must be
-    /// persisted before a write may rely on the bits.
+    /// persisted before a write may rely on the bits: those where a bit was
+    /// not set, or set but not yet on the device. (A bit just cleared in
+    /// memory may still read as durable while the clear is being written: a
+    /// bit that was not set always needs a write of its own.) Works a block
+    /// at a time, so a huge range costs one step per block; on `PoolFull`
+    /// the blocks this call took go back to the pool.
     pub fn set(
         &mut self,
         volume: VolumeId,
@@ -105,14 +110,25 @@ impl Bitmasks {
         regions: std::ops::Range<u64>,
     ) -> Result<Vec<u64>, PoolFull> {
         let mut dirty = Vec::new();
-        for region in regions {
-            let (number, bit) = split(region);
-            let map = self.entries.entry((volume, peer.to_string())).or_default();
+        let mut taken = Vec::new();
+        let key = (volume, peer.to_string());
+        let mut at = regions.start;
+        while at < regions.end {
+            let (number, first) = split(at);
+            let block_end = (number + 1).saturating_mul(REGIONS_PER_BITMASK_BLOCK);
+            let end = regions.end.min(block_end);
+            let last = first + (end - at) as usize;
+            let map = self.entries.entry(key.clone()).or_default();
             let entry = match map.get_mut(&number) {
                 Some(e) => e,
                 None => {
-                    let pool = self.free.pop_first().ok_or(PoolFull)?;
+                    let Some(pool) = self.free.pop_first() else {
+                        self.give_back(&key, &taken);
+                        return Err(PoolFull);
+                    };
+                    taken.push(number);
                     self.owners.insert(pool, (volume, peer.to_string(), number));
+                    let map = self.entries.entry(key.clone()).or_default();
                     map.entry(number).or_insert(Entry {
                         pool,
                         bits: empty_bits(),
@@ -120,31 +136,59 @@ impl Bitmasks {
                     })
                 }
             };
-            entry.bits.set(bit, true);
-            if !entry.durable[bit] && dirty.last() != Some(&entry.pool) {
+            let was_set = entry.bits[first..last].all();
+            let durable = entry.durable[first..last].all();
+            entry.bits[first..last].fill(true);
+            if !was_set || !durable {
                 dirty.push(entry.pool);
             }
+            at = end;
         }
-        dirty.dedup();
         Ok(dirty)
     }
 
-    /// Clear `regions` for `peer`; returns the pool blocks that changed.
-    pub fn clear(&mut self, volume: VolumeId, peer: &str, regions: &[u64]) -> Vec<u64> {
-        let mut changed = BTreeSet::new();
-        let Some(map) = self.entries.get_mut(&(volume, peer.to_string())) else {
-            return Vec::new();
+    /// Undo the blocks a failed `set` took (none of their bits is on the device).
+    fn give_back(&mut self, key: &(VolumeId, String), numbers: &[u64]) {
+        let Some(map) = self.entries.get_mut(key) else {
+            return;
         };
-        for region in regions {
-            let (number, bit) = split(*region);
-            if let Some(entry) = map.get_mut(&number)
-                && entry.bits[bit]
-            {
-                entry.bits.set(bit, false);
-                changed.insert(entry.pool);
+        for number in numbers {
+            if let Some(entry) = map.remove(number) {
+                self.owners.remove(&entry.pool);
+                self.free.insert(entry.pool);
             }
         }
-        changed.into_iter().collect()
+        if map.is_empty() {
+            self.entries.remove(key);
+        }
+    }
+
+    /// Clear `regions` for `peer`; returns the pool blocks that changed.
+    /// Costs one step per block that holds bits, however large the range.
+    pub fn clear(
+        &mut self,
+        volume: VolumeId,
+        peer: &str,
+        regions: std::ops::Range<u64>,
+    ) -> Vec<u64> {
+        let mut changed = Vec::new();
+        let Some(map) = self.entries.get_mut(&(volume, peer.to_string())) else {
+            return changed;
+        };
+        let (first_block, _) = split(regions.start);
+        for (number, entry) in map.range_mut(first_block..) {
+            let base = number * REGIONS_PER_BITMASK_BLOCK;
+            if base >= regions.end {
+                break;
+            }
+            let from = regions.start.saturating_sub(base) as usize;
+            let to = (regions.end - base).min(REGIONS_PER_BITMASK_BLOCK) as usize;
+            if from < to && entry.bits[from..to].any() {
+                entry.bits[from..to].fill(false);
+                changed.push(entry.pool);
+            }
+        }
+        changed
     }
 
     /// What pool block `pool` should hold now: its content (empty when no
@@ -277,7 +321,7 @@ mod tests {
         let pools = b.set(V, "p", far..far + 1).unwrap();
         let (_, bits) = b.snapshot(pools[0]).unwrap();
         b.persisted(pools[0], bits);
-        let changed = b.clear(V, "p", &[far]);
+        let changed = b.clear(V, "p", far..far + 1);
         assert_eq!(changed, pools);
         let (payload, bits) = b.snapshot(pools[0]).unwrap();
         assert!(payload.is_empty(), "an all-clear block is written empty");
@@ -287,18 +331,42 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pool_is_reported() {
-        let mut b = Bitmasks::new(1);
+    fn a_full_pool_is_reported_and_gives_back_what_it_took() {
+        let mut b = Bitmasks::new(2);
         b.set(V, "p", 0..1).unwrap();
-        assert_eq!(b.set(V, "q", 0..1), Err(PoolFull));
+        // Three blocks' worth needs two more than the one left.
         assert_eq!(
-            b.set(
-                V,
-                "p",
-                REGIONS_PER_BITMASK_BLOCK..REGIONS_PER_BITMASK_BLOCK + 1
-            ),
+            b.set(V, "q", 0..3 * REGIONS_PER_BITMASK_BLOCK),
             Err(PoolFull)
         );
+        assert_eq!(b.usage(), (1, 2), "the failed set kept no block");
+        assert_eq!(b.count(V, "q"), 0);
+        b.set(V, "q", 0..1).unwrap();
+    }
+
+    #[test]
+    fn a_cleared_bit_set_again_is_persisted_again() {
+        let mut b = Bitmasks::new(2);
+        let pools = b.set(V, "p", 7..8).unwrap();
+        let (_, bits) = b.snapshot(pools[0]).unwrap();
+        b.persisted(pools[0], bits);
+        // The cleaner clears the bit; its write is not done yet...
+        assert_eq!(b.clear(V, "p", 7..8), pools);
+        let (_, cleared) = b.snapshot(pools[0]).unwrap();
+        // ...when a write sets it again: it must not rely on the old durable bit.
+        assert_eq!(b.set(V, "p", 7..8).unwrap(), pools);
+        b.persisted(pools[0], cleared);
+        assert!(!b.is_durable(V, "p", 7));
+    }
+
+    #[test]
+    fn huge_ranges_cost_one_step_per_block() {
+        let mut b = Bitmasks::new(64);
+        let pools = b.set(V, "me", 0..10 * REGIONS_PER_BITMASK_BLOCK).unwrap();
+        assert_eq!(pools.len(), 10);
+        assert_eq!(b.count(V, "me"), 10 * REGIONS_PER_BITMASK_BLOCK);
+        assert_eq!(b.clear(V, "me", 5..u64::MAX).len(), 10);
+        assert_eq!(b.regions(V, "me"), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tessera_net::proto::{
     Partition, Refusal as MgmtRefusal, Replica, Request, ResyncProgress, Role, Status, VolumeId,
     VolumeMap, region_runs,
 };
-use tessera_net::quic::{Alpn, Connector, Endpoint};
+use tessera_net::quic::{Alpn, Connector, Endpoint, PeerIdentity};
 use tokio::sync::{OnceCell, RwLock};
 use tracing::{debug, info, warn};
 
@@ -68,8 +68,9 @@ struct Failure {
 /// Why a forward did not succeed.
 #[derive(Debug)]
 enum ForwardError {
-    /// The mirror holds a newer epoch: this server's map is behind (a push
-    /// to it is on the way). Not the mirror's fault.
+    /// The mirror holds a newer epoch (this server's map is behind: a push
+    /// to it is on the way), or is applying one right now. Not the mirror's
+    /// fault: the request is retried under the new map.
     Behind(Epoch),
     /// The mirror did not take the request.
     Failed(String),
@@ -93,6 +94,8 @@ struct Resync {
 }
 
 type PeerKey = (VolumeId, String);
+/// A mirror of one partition: volume, mirror, the partition's first page.
+type MirrorKey = (VolumeId, String, u64);
 /// Client writes hold a region's lock shared; a resync copy holds it exclusively.
 type RegionLock = Rc<RwLock<()>>;
 
@@ -107,10 +110,18 @@ pub struct Replication {
     mgmt: Connector,
     regions: RefCell<HashMap<(VolumeId, u64), RegionUse>>,
     next_generation: Cell<u64>,
+    /// Cleaning passes and resync batches between their snapshot and their
+    /// clear: while any runs, finished writes keep their stamps.
+    watchers: Cell<u32>,
     locks: RefCell<HashMap<(VolumeId, u64), RegionLock>>,
-    failures: RefCell<HashMap<PeerKey, Rc<Failure>>>,
+    failures: RefCell<HashMap<MirrorKey, Rc<Failure>>>,
+    /// Partitions newly led whose in-sync mirrors must be asked for their
+    /// bits (a write may have reached a mirror but not this server).
+    probe: RefCell<HashSet<MirrorKey>>,
     /// Regions the primary must copy to a peer before their bits may clear.
     must_copy: RefCell<HashMap<PeerKey, BTreeSet<u64>>>,
+    /// Volumes whose map this process has applied at least once.
+    seen: RefCell<HashSet<VolumeId>>,
     /// Partitions this server leads, as of the last map applied.
     leading: RefCell<HashSet<(VolumeId, u64)>>,
     resyncs: RefCell<HashMap<(VolumeId, String, u64), Rc<Resync>>>,
@@ -127,11 +138,29 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
+        let watched = self.replication.watchers.get() > 0;
         let mut map = self.replication.regions.borrow_mut();
         for r in self.regions.clone() {
-            if let Some(u) = map.get_mut(&(self.volume, r)) {
+            let key = (self.volume, r);
+            if let Some(u) = map.get_mut(&key) {
                 u.writers = u.writers.saturating_sub(1);
+                if u.writers == 0 && !watched {
+                    map.remove(&key);
+                }
             }
+        }
+    }
+}
+
+/// Keeps write stamps while a snapshot of quiet regions is being acted on.
+struct Watch<'a>(&'a Replication);
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let left = self.0.watchers.get().saturating_sub(1);
+        self.0.watchers.set(left);
+        if left == 0 {
+            self.0.regions.borrow_mut().retain(|_, u| u.writers > 0);
         }
     }
 }
@@ -152,10 +181,13 @@ impl Replication {
             mgmt: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Mgmt),
             regions: RefCell::default(),
             next_generation: Cell::new(1),
+            watchers: Cell::new(0),
             locks: RefCell::default(),
             failures: RefCell::default(),
+            probe: RefCell::default(),
             must_copy: RefCell::default(),
             leading: RefCell::default(),
+            seen: RefCell::default(),
             resyncs: RefCell::default(),
             resynced_bytes: Cell::new(0),
             next_id: Cell::new(1),
@@ -194,25 +226,18 @@ impl Replication {
         }
     }
 
-    /// The last write stamp of a region, if no write is in flight on it.
+    fn watch(&self) -> Watch<'_> {
+        self.watchers.set(self.watchers.get() + 1);
+        Watch(self)
+    }
+
+    /// The last write stamp of a region, if no write is in flight on it
+    /// (0 if none was stamped; stamps are kept while a `Watch` is held).
     fn quiet(&self, volume: VolumeId, region: u64) -> Option<u64> {
         match self.regions.borrow().get(&(volume, region)) {
             Some(u) if u.writers > 0 => None,
             Some(u) => Some(u.generation),
             None => Some(0),
-        }
-    }
-
-    /// Forget stamps of quiet regions (they matter only between a snapshot and a clear).
-    fn forget_quiet(&self, volume: VolumeId, regions: &[u64], stamps: &[u64]) {
-        let mut map = self.regions.borrow_mut();
-        for (r, stamp) in regions.iter().zip(stamps) {
-            if map
-                .get(&(volume, *r))
-                .is_some_and(|u| u.writers == 0 && u.generation == *stamp)
-            {
-                map.remove(&(volume, *r));
-            }
         }
     }
 
@@ -237,11 +262,20 @@ impl Replication {
     }
 
     /// Whether forwarding to `server` failed and its loss is on record.
-    fn written_off(&self, volume: VolumeId, server: &str) -> bool {
+    fn written_off(&self, volume: VolumeId, server: &str, first_page: u64) -> bool {
         self.failures
             .borrow()
-            .get(&(volume, server.to_string()))
+            .get(&(volume, server.to_string(), first_page))
             .is_some_and(|f| matches!(f.reported.get(), Some(Ok(()))))
+    }
+
+    /// Record that `peer` must get `regions` copied before their bits clear.
+    fn owe(&self, volume: VolumeId, peer: &str, regions: impl IntoIterator<Item = u64>) {
+        self.must_copy
+            .borrow_mut()
+            .entry((volume, peer.to_string()))
+            .or_default()
+            .extend(regions);
     }
 
     /// A map for `volume` was applied. Failures recorded under the old one
@@ -250,27 +284,49 @@ impl Replication {
     /// replicas only: the regions its bits name are copied to the in-sync
     /// mirrors before those bits may clear.
     pub fn map_changed(&self, service: &Service, volume: VolumeId) {
-        self.failures.borrow_mut().retain(|(v, _), _| *v != volume);
-        let Some(map) = service.store.volume(volume).and_then(|v| v.map()) else {
+        self.failures
+            .borrow_mut()
+            .retain(|(v, _, _), _| *v != volume);
+        let Some(held) = service.store.volume(volume) else {
             return;
         };
+        let Some(map) = held.map() else {
+            return;
+        };
+        // Debts to servers that are no longer replicas of the volume are void.
+        let replicas: HashSet<&str> = map
+            .partitions
+            .iter()
+            .flat_map(|p| p.replicas.iter().map(|r| r.server.as_str()))
+            .collect();
+        self.must_copy
+            .borrow_mut()
+            .retain(|(v, peer), _| *v != volume || replicas.contains(peer.as_str()));
         let mut leading = self.leading.borrow_mut();
         let before: HashSet<u64> = leading
             .iter()
             .filter(|(v, _)| *v == volume)
             .map(|(_, p)| *p)
             .collect();
+        // A volume new to this server, first seen now: nothing was written.
+        let first_map = self.seen.borrow_mut().insert(volume);
+        let fresh = first_map && held.assigned_here();
         leading.retain(|(v, _)| *v != volume);
         for p in &map.partitions {
             if p.replicas.first().map(|r| &r.server) != Some(&self.me) {
                 continue;
             }
             leading.insert((volume, p.first_page));
-            if before.contains(&p.first_page) {
+            if before.contains(&p.first_page) || fresh {
                 continue;
             }
             let range = self.partition_regions(&map, p);
             for peer in p.replicas.iter().skip(1) {
+                if peer.state == MirrorState::InSync {
+                    self.probe
+                        .borrow_mut()
+                        .insert((volume, peer.server.clone(), p.first_page));
+                }
                 let ours: Vec<u64> = service
                     .store
                     .dirty_regions(volume, &peer.server)
@@ -299,15 +355,16 @@ impl Replication {
     /// timeout, or less if the mirror is written off meanwhile.
     async fn forward(
         &self,
-        volume: VolumeId,
+        key: (VolumeId, u64),
         target: &Replica,
         request: &Request,
         payload: &[u8],
     ) -> Result<(), ForwardError> {
+        let (volume, first_page) = key;
         let failure = self
             .failures
             .borrow_mut()
-            .entry((volume, target.server.clone()))
+            .entry((volume, target.server.clone(), first_page))
             .or_default()
             .clone();
         let abandoned = failure.signal.notified();
@@ -332,7 +389,9 @@ impl Replication {
                     {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Status::StaleEpoch if reply.epoch > request.epoch => {
+                    // Newer: our map is behind. Equal: the mirror is applying a
+                    // new epoch right now. Either way the sender's map moves on.
+                    Status::StaleEpoch if reply.epoch >= request.epoch => {
                         return Err(ForwardError::Behind(reply.epoch));
                     }
                     status => {
@@ -366,7 +425,7 @@ impl Replication {
         first_page: u64,
         server: &str,
     ) -> Result<(), Refusal> {
-        let key = (volume, server.to_string());
+        let key = (volume, server.to_string(), first_page);
         let failure = {
             let mut failures = self.failures.borrow_mut();
             // A report that failed earlier is tried again.
@@ -534,15 +593,16 @@ pub async fn primary_write(
             message: format!("page {page} is in no partition"),
         });
     };
+    let first_page = partition.first_page;
     let peers: Vec<&Replica> = partition.replicas.iter().skip(1).collect();
     if peers.is_empty() {
         return apply_local(service, volume, request, payload).await;
     }
     let regions = repl.regions_of(request.offset, u64::from(request.length));
     let in_flight = repl.begin(volume.id, regions.clone());
-    let locks: Vec<Rc<RwLock<()>>> = regions.clone().map(|r| repl.lock(volume.id, r)).collect();
-    let mut guards = Vec::with_capacity(locks.len());
-    for lock in &locks {
+    let locks = RegionLocks::new(repl, volume.id, regions.clone());
+    let mut guards = Vec::with_capacity(locks.locks.len());
+    for lock in &locks.locks {
         guards.push(lock.read().await);
     }
     let names: Vec<&str> = peers.iter().map(|r| r.server.as_str()).collect();
@@ -550,43 +610,31 @@ pub async fn primary_write(
         .mark_dirty(volume.id, &names, regions.clone())
         .await
         .map_err(|e| io_refusal(volume, &e))?;
-    let targets: Vec<&Replica> = peers
-        .iter()
-        .copied()
-        .filter(|r| r.state != MirrorState::OutOfSync && !repl.written_off(volume.id, &r.server))
-        .collect();
+    let (targets, skipped): (Vec<&Replica>, Vec<&Replica>) = peers.iter().copied().partition(|r| {
+        r.state != MirrorState::OutOfSync && !repl.written_off(volume.id, &r.server, first_page)
+    });
     let bytes = payload.as_ref().map(|p| p.to_vec()).unwrap_or_default();
     let local = apply_local(service, volume, request, payload);
     let remote = join_all(
         targets
             .iter()
-            .map(|t| repl.forward(volume.id, t, request, &bytes)),
+            .map(|t| repl.forward((volume.id, first_page), t, request, &bytes)),
     );
     let (local, remote) = futures_util::future::join(local, remote).await;
-    // Replicas that did not take the write must get this region copied
-    // before its bits may clear: ours to all mirrors if the local I/O failed.
-    let missed: Vec<&str> = if local.is_err() {
-        names.clone()
-    } else {
-        targets
-            .iter()
-            .zip(&remote)
-            .filter(|(_, outcome)| outcome.is_err())
-            .map(|(t, _)| t.server.as_str())
-            .collect()
-    };
-    if !missed.is_empty() {
-        let mut must = repl.must_copy.borrow_mut();
-        for name in missed {
-            must.entry((volume.id, name.to_string()))
-                .or_default()
-                .extend(regions.clone());
-        }
+    // Replicas that did not take the write get this region copied before its
+    // bits may clear (all of them, with our version, if ours failed).
+    let missed = targets
+        .iter()
+        .zip(&remote)
+        .filter(|(_, outcome)| local.is_err() || outcome.is_err())
+        .map(|(t, _)| *t)
+        .chain(skipped);
+    for replica in missed {
+        repl.owe(volume.id, &replica.server, regions.clone());
     }
     drop(guards);
     drop(locks);
     drop(in_flight);
-    repl.unlock_idle(volume.id, regions);
     drop(admitted);
     for (target, outcome) in targets.iter().zip(remote) {
         match outcome {
@@ -595,17 +643,45 @@ pub async fn primary_write(
                 return Err(Refusal {
                     status: Status::StaleEpoch,
                     epoch: current,
-                    message: format!("mirror {} holds a newer map", target.server),
+                    message: format!("mirror {} is changing epoch", target.server),
                 });
             }
             Err(ForwardError::Failed(reason)) => {
                 debug!(volume = %volume.id, mirror = %target.server, %reason, "forward failed");
-                repl.mirror_failed(volume.id, epoch, partition.first_page, &target.server)
+                repl.mirror_failed(volume.id, epoch, first_page, &target.server)
                     .await?;
             }
         }
     }
     local
+}
+
+/// The region locks a write or a copy takes, dropped from the table when
+/// nobody holds them any more.
+struct RegionLocks<'a> {
+    repl: &'a Replication,
+    volume: VolumeId,
+    regions: Range<u64>,
+    locks: Vec<RegionLock>,
+}
+
+impl<'a> RegionLocks<'a> {
+    fn new(repl: &'a Replication, volume: VolumeId, regions: Range<u64>) -> Self {
+        let locks = regions.clone().map(|r| repl.lock(volume, r)).collect();
+        RegionLocks {
+            repl,
+            volume,
+            regions,
+            locks,
+        }
+    }
+}
+
+impl Drop for RegionLocks<'_> {
+    fn drop(&mut self) {
+        self.locks.clear();
+        self.repl.unlock_idle(self.volume, self.regions.clone());
+    }
 }
 
 /// FLUSH as a primary: locally and on every mirror this server forwards to.
@@ -616,18 +692,23 @@ pub async fn primary_flush(
 ) -> Result<(), Refusal> {
     let repl = &service.replication;
     let epoch = volume.epoch();
-    let mut targets: Vec<(Replica, u64)> = Vec::new();
+    // Each mirror once, with every partition it mirrors for us (a failure
+    // is reported for each of them).
+    let mut targets: Vec<(Replica, Vec<u64>)> = Vec::new();
     if let Some(map) = volume.map() {
         for p in &map.partitions {
             if p.replicas.first().map(|r| &r.server) != Some(&repl.me) {
                 continue;
             }
             for r in p.replicas.iter().skip(1) {
-                if r.state != MirrorState::OutOfSync
-                    && !repl.written_off(volume.id, &r.server)
-                    && !targets.iter().any(|(t, _)| t.server == r.server)
+                if r.state == MirrorState::OutOfSync
+                    || repl.written_off(volume.id, &r.server, p.first_page)
                 {
-                    targets.push((r.clone(), p.first_page));
+                    continue;
+                }
+                match targets.iter_mut().find(|(t, _)| t.server == r.server) {
+                    Some((_, pages)) => pages.push(p.first_page),
+                    None => targets.push((r.clone(), vec![p.first_page])),
                 }
             }
         }
@@ -637,24 +718,26 @@ pub async fn primary_flush(
     let remote = join_all(
         targets
             .iter()
-            .map(|(t, _)| repl.forward(volume.id, t, &request, &[])),
+            .map(|(t, pages)| repl.forward((volume.id, pages[0]), t, &request, &[])),
     );
     let (local, remote) = futures_util::future::join(local, remote).await;
     drop(admitted);
     local.map_err(|e| io_refusal(volume, &e))?;
-    for ((target, first_page), outcome) in targets.iter().zip(remote) {
+    for ((target, pages), outcome) in targets.iter().zip(remote) {
         match outcome {
             Ok(()) => {}
             Err(ForwardError::Behind(current)) => {
                 return Err(Refusal {
                     status: Status::StaleEpoch,
                     epoch: current,
-                    message: format!("mirror {} holds a newer map", target.server),
+                    message: format!("mirror {} is changing epoch", target.server),
                 });
             }
             Err(ForwardError::Failed(_)) => {
-                repl.mirror_failed(volume.id, epoch, *first_page, &target.server)
-                    .await?;
+                for first_page in pages {
+                    repl.mirror_failed(volume.id, epoch, *first_page, &target.server)
+                        .await?;
+                }
             }
         }
     }
@@ -720,7 +803,11 @@ fn io_refusal(volume: &Volume, e: &crate::EngineError) -> Refusal {
 }
 
 /// The management-protocol requests storage servers send each other.
-pub async fn handle_peer_request(service: &Service, request: MgmtRequest) -> MgmtReply {
+pub async fn handle_peer_request(
+    service: &Service,
+    sender: &PeerIdentity,
+    request: MgmtRequest,
+) -> MgmtReply {
     let store = &service.store;
     let repl = &service.replication;
     match request {
@@ -739,37 +826,95 @@ pub async fn handle_peer_request(service: &Service, request: MgmtRequest) -> Mgm
         }
         MgmtRequest::Clean {
             volume,
+            epoch,
+            first_page,
             peers,
             regions,
             region_size,
-        } => {
-            // Clear only regions of ours wholly inside the sender's, and
-            // inside the volume (the numbers come from the network).
-            let Some(held) = store.volume(volume) else {
-                return MgmtReply::Applied { epoch: Epoch(0) };
-            };
-            let limit = 0..held.record().size.div_ceil(repl.region_size);
-            let mine = convert_runs(
-                &regions,
-                region_size,
-                repl.region_size,
-                &limit,
-                Cover::Inside,
-            );
-            // Bits under this server's own name are what it lacks itself.
-            for peer in &peers {
-                if let Err(e) = store.clear_dirty(volume, peer, &mine).await {
-                    return MgmtReply::Refused(MgmtRefusal::Unavailable {
-                        reason: e.to_string(),
-                    });
-                }
-            }
-            MgmtReply::Applied { epoch: Epoch(0) }
-        }
+        } => match clean_for(
+            service,
+            sender,
+            volume,
+            epoch,
+            first_page,
+            &peers,
+            &regions,
+            region_size,
+        )
+        .await
+        {
+            Ok(()) => MgmtReply::Applied { epoch },
+            Err(refusal) => MgmtReply::Refused(refusal),
+        },
         other => MgmtReply::Refused(MgmtRefusal::Invalid {
             reason: format!("a storage server does not serve {}", other.operation()),
         }),
     }
+}
+
+/// Apply a `Clean` from `sender`: only from the partition's primary, at the
+/// volume's current epoch (under its gate), and only inside the partition.
+#[allow(clippy::too_many_arguments)]
+async fn clean_for(
+    service: &Service,
+    sender: &PeerIdentity,
+    volume: VolumeId,
+    epoch: Epoch,
+    first_page: u64,
+    peers: &[String],
+    regions: &[(u64, u64)],
+    region_size: u32,
+) -> Result<(), MgmtRefusal> {
+    let repl = &service.replication;
+    let held = service
+        .store
+        .volume(volume)
+        .ok_or_else(|| MgmtRefusal::NotFound {
+            kind: "volume".into(),
+            name: volume.to_string(),
+        })?;
+    let _gate = held.hold().await;
+    if held.epoch() != epoch {
+        return Err(MgmtRefusal::StaleEpoch {
+            request: epoch,
+            current: held.epoch(),
+        });
+    }
+    let map = held.map().ok_or_else(|| MgmtRefusal::Unavailable {
+        reason: "no map yet".into(),
+    })?;
+    let partition = map
+        .partitions
+        .iter()
+        .find(|p| p.first_page == first_page)
+        .filter(|p| p.replicas.first().is_some_and(|r| r.server == sender.name))
+        .ok_or_else(|| MgmtRefusal::Invalid {
+            reason: format!("{} is not the primary of pages {first_page}..", sender.name),
+        })?;
+    // Ours wholly inside the sender's regions and inside the partition: a
+    // region shared with a neighbour partition keeps its bits.
+    let page = u64::from(map.page_size);
+    let start = first_page.saturating_mul(page);
+    let end = partition.end_page.saturating_mul(page).min(map.size);
+    let limit = start.div_ceil(repl.region_size)..end / repl.region_size;
+    let mine = convert_runs(
+        regions,
+        region_size,
+        repl.region_size,
+        &limit,
+        Cover::Inside,
+    );
+    // Bits under this server's own name are what it lacks itself.
+    for peer in peers {
+        service
+            .store
+            .clear_dirty_runs(volume, peer, &mine)
+            .await
+            .map_err(|e| MgmtRefusal::Unavailable {
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
 }
 
 /// How to map another server's regions onto ours.
@@ -781,15 +926,16 @@ enum Cover {
     Touching,
 }
 
-/// Runs of regions of `theirs` bytes as our regions of `ours` bytes, within
-/// `limit`. Saturating: the runs come from the network.
+/// Runs of regions of `theirs` bytes as merged runs of our regions of
+/// `ours` bytes, within `limit`. Saturating: the runs come from the network;
+/// the result has at most as many runs as the input, whatever their length.
 fn convert_runs(
     runs: &[(u64, u64)],
     theirs: u32,
     ours: u64,
     limit: &Range<u64>,
     cover: Cover,
-) -> Vec<u64> {
+) -> Vec<Range<u64>> {
     let theirs = u64::from(theirs.max(1));
     let ours = ours.max(1);
     let mut out = Vec::new();
@@ -801,16 +947,32 @@ fn convert_runs(
         };
         let (from, to) = (from.max(limit.start), to.min(limit.end));
         if from < to {
-            out.extend(from..to);
+            out.push(from..to);
         }
     }
-    out.sort_unstable();
-    out.dedup();
-    out
+    merge_runs(out)
 }
 
-/// The background loop of a storage server's replication: clean bits, start
-/// resyncs, notice partitions it newly leads.
+/// Sort and merge overlapping or touching runs.
+fn merge_runs(mut runs: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    runs.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(runs.len());
+    for run in runs {
+        match merged.last_mut() {
+            Some(last) if run.start <= last.end => last.end = last.end.max(run.end),
+            _ => merged.push(run),
+        }
+    }
+    merged
+}
+
+/// Sorted regions as runs.
+fn runs_of(regions: impl IntoIterator<Item = u64>) -> Vec<Range<u64>> {
+    merge_runs(regions.into_iter().map(|r| r..r + 1).collect())
+}
+
+/// The background loop of a storage server's replication: clean bits and
+/// start the resyncs that are due.
 pub async fn replication_loop(service: Rc<Service>) {
     let interval = service.replication.settings.clean_interval;
     loop {
@@ -821,7 +983,7 @@ pub async fn replication_loop(service: Rc<Service>) {
 }
 
 /// Start the resyncs that are due: mirrors being resynced, and in-sync
-/// mirrors with regions to copy.
+/// mirrors with regions to copy or bits to ask for.
 fn schedule(service: &Rc<Service>) {
     let repl = &service.replication;
     for volume in service.store.volumes() {
@@ -832,14 +994,15 @@ fn schedule(service: &Rc<Service>) {
             }
             let range = repl.partition_regions(&map, p);
             for peer in p.replicas.iter().skip(1) {
+                let key = (volume.id, peer.server.clone(), p.first_page);
                 let pending = repl
                     .must_copy
                     .borrow()
                     .get(&(volume.id, peer.server.clone()))
-                    .is_some_and(|s| s.range(range.clone()).next().is_some());
+                    .is_some_and(|s| s.range(range.clone()).next().is_some())
+                    || repl.probe.borrow().contains(&key);
                 let due = peer.state == MirrorState::Resyncing
                     || (peer.state == MirrorState::InSync && pending);
-                let key = (volume.id, peer.server.clone(), p.first_page);
                 if due && !repl.resyncs.borrow().contains_key(&key) {
                     let resync = Rc::new(Resync {
                         total: Cell::new(0),
@@ -860,12 +1023,23 @@ fn schedule(service: &Rc<Service>) {
     }
 }
 
+/// Whether `region` may be cleared for `peer`: quiet since `stamp`, and not
+/// owed a copy.
+fn clearable(repl: &Replication, volume: VolumeId, peer: &str, region: u64, stamp: u64) -> bool {
+    repl.quiet(volume, region) == Some(stamp)
+        && !repl
+            .must_copy
+            .borrow()
+            .get(&(volume, peer.to_string()))
+            .is_some_and(|s| s.contains(&region))
+}
+
 /// One cleaning pass: flush here and on the mirrors, then clear the bits of
 /// regions that no write touched meanwhile, here and on the mirrors.
 async fn clean(service: &Service) {
     let repl = &service.replication;
     let store = &service.store;
-    // (volume, epoch, peer, regions, stamps, partition replicas)
+    let _watch = repl.watch();
     let mut work = Vec::new();
     for volume in store.volumes() {
         let Some(map) = volume.map() else { continue };
@@ -877,30 +1051,22 @@ async fn clean(service: &Service) {
             for peer in p.replicas.iter().skip(1) {
                 // Only in-sync mirrors: a resyncing one may still lack regions
                 // whose bits are set (its resync clears them as it copies).
-                if peer.state != MirrorState::InSync || repl.written_off(volume.id, &peer.server) {
+                if peer.state != MirrorState::InSync
+                    || repl.written_off(volume.id, &peer.server, p.first_page)
+                {
                     continue;
                 }
-                let must = repl.must_copy.borrow();
-                let skip = must.get(&(volume.id, peer.server.clone()));
-                let mut regions = Vec::new();
-                let mut stamps = Vec::new();
+                let mut snapshot = Vec::new();
                 for r in store.dirty_regions(volume.id, &peer.server) {
-                    if !range.contains(&r) || skip.is_some_and(|s| s.contains(&r)) {
+                    if !range.contains(&r) {
                         continue;
                     }
                     if let Some(stamp) = repl.quiet(volume.id, r) {
-                        regions.push(r);
-                        stamps.push(stamp);
+                        snapshot.push((r, stamp));
                     }
                 }
-                if !regions.is_empty() {
-                    work.push((
-                        volume.clone(),
-                        peer.clone(),
-                        p.replicas.clone(),
-                        regions,
-                        stamps,
-                    ));
+                if !snapshot.is_empty() {
+                    work.push((volume.clone(), p.clone(), peer.clone(), snapshot));
                 }
             }
         }
@@ -912,17 +1078,18 @@ async fn clean(service: &Service) {
         warn!(error = %e, "flush before cleaning bits failed");
         return;
     }
-    for (volume, peer, replicas, regions, stamps) in work {
-        let flush = Request::new(Opcode::Flush, volume.id, volume.epoch(), 0, 0, 0);
-        if repl.forward(volume.id, &peer, &flush, &[]).await.is_err() {
+    for (volume, partition, peer, snapshot) in work {
+        let epoch = volume.epoch();
+        let flush = Request::new(Opcode::Flush, volume.id, epoch, 0, 0, 0);
+        let key = (volume.id, partition.first_page);
+        if repl.forward(key, &peer, &flush, &[]).await.is_err() {
             continue;
         }
-        let (clean, clean_stamps): (Vec<u64>, Vec<u64>) = regions
+        let clean: Vec<u64> = snapshot
             .iter()
-            .zip(&stamps)
-            .filter(|(r, s)| repl.quiet(volume.id, **r) == Some(**s))
-            .map(|(r, s)| (*r, *s))
-            .unzip();
+            .filter(|(r, stamp)| clearable(repl, volume.id, &peer.server, *r, *stamp))
+            .map(|(r, _)| *r)
+            .collect();
         if clean.is_empty() {
             continue;
         }
@@ -930,44 +1097,44 @@ async fn clean(service: &Service) {
             warn!(error = %e, "cannot clear bits");
             continue;
         }
-        repl.forget_quiet(volume.id, &clean, &clean_stamps);
-        tell_clean(
-            repl,
-            volume.id,
-            &replicas,
-            &[repl.me.clone(), peer.server.clone()],
-            &clean,
-        )
-        .await;
+        let holders = [repl.me.clone(), peer.server.clone()];
+        tell_clean(repl, volume.id, epoch, &partition, &holders, &clean).await;
     }
 }
 
-/// Tell every other replica that `regions` are equal on `holders`.
+/// Tell the other replicas of `partition` that `regions` are equal on `holders`.
 async fn tell_clean(
     repl: &Replication,
     volume: VolumeId,
-    replicas: &[Replica],
+    epoch: Epoch,
+    partition: &Partition,
     holders: &[String],
     regions: &[u64],
 ) {
     let request = MgmtRequest::Clean {
         volume,
+        epoch,
+        first_page: partition.first_page,
         peers: holders.to_vec(),
         regions: region_runs(regions),
         region_size: repl.region_size(),
     };
-    for r in replicas
+    let others = partition
+        .replicas
         .iter()
-        .filter(|r| r.server != repl.me && r.state != MirrorState::OutOfSync)
-    {
-        if let Err(e) = repl.call_peer(r, &request).await {
-            debug!(peer = %r.server, error = %e, "clean not delivered; its bits stay set");
+        .filter(|r| r.server != repl.me && r.state != MirrorState::OutOfSync);
+    let sent =
+        join_all(others.map(|r| async { (r.server.clone(), repl.call_peer(r, &request).await) }))
+            .await;
+    for (server, reply) in sent {
+        if !matches!(reply, Ok(MgmtReply::Applied { .. })) {
+            debug!(peer = %server, ?reply, "clean not applied; its bits stay set");
         }
     }
 }
 
 /// The current map, if this server still leads partition `first_page` and
-/// `peer` still is a mirror of it in one of `states`.
+/// `peer` still is a mirror of it that is not out of sync.
 fn still_leading(
     service: &Service,
     volume: VolumeId,
@@ -997,7 +1164,7 @@ fn still_leading(
 }
 
 /// Copy to `peer` every region it may lack in one partition.
-async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), progress: &Resync) {
+async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync) {
     let repl = &service.replication;
     let (volume_id, peer_name, first_page) = (key.0, key.1.as_str(), key.2);
     let Some((_, map, partition, peer)) = still_leading(service, volume_id, first_page, peer_name)
@@ -1006,20 +1173,25 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
     };
     let resyncing = peer.state == MirrorState::Resyncing;
     let range = repl.partition_regions(&map, &partition);
-    let mut todo: BTreeSet<u64> = repl
+    let mut todo: Vec<Range<u64>> = repl
         .must_copy
         .borrow()
         .get(&(volume_id, peer_name.to_string()))
-        .map(|s| s.range(range.clone()).copied().collect())
+        .map(|s| runs_of(s.range(range.clone()).copied()))
         .unwrap_or_default();
-    if resyncing {
-        todo.extend(
-            service
-                .store
-                .dirty_regions(volume_id, peer_name)
-                .into_iter()
-                .filter(|r| range.contains(r)),
-        );
+    let probing = repl.probe.borrow().contains(key);
+    if resyncing || probing {
+        // Ours for the mirror (while it was away), and the mirror's for us
+        // or for itself (writes that reached it only; what a wiped disk lacks).
+        if resyncing {
+            todo.extend(runs_of(
+                service
+                    .store
+                    .dirty_regions(volume_id, peer_name)
+                    .into_iter()
+                    .filter(|r| range.contains(r)),
+            ));
+        }
         let ask = MgmtRequest::DirtyRegions {
             volume: volume_id,
             peer: repl.me.clone(),
@@ -1031,7 +1203,7 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
                 region_size,
             }) => {
                 if all {
-                    todo.extend(range.clone());
+                    todo.push(range.clone());
                 } else {
                     todo.extend(convert_runs(
                         &regions,
@@ -1041,6 +1213,7 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
                         Cover::Touching,
                     ));
                 }
+                repl.probe.borrow_mut().remove(key);
             }
             other => {
                 debug!(
@@ -1052,15 +1225,20 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
             }
         }
     }
-    progress.total.set(todo.len() as u64);
-    info!(volume = %volume_id, mirror = peer_name, first_page, regions = todo.len(), full = todo.len() as u64 == range.end - range.start, "resync started");
-    let todo: Vec<u64> = todo.into_iter().collect();
+    let todo = merge_runs(todo);
+    let total: u64 = todo.iter().map(|r| r.end - r.start).sum();
+    progress.total.set(total);
+    if total == 0 && !resyncing {
+        return;
+    }
+    info!(volume = %volume_id, mirror = peer_name, first_page, regions = total, "resync started");
     let started = Instant::now();
     let mut copied_bytes = 0u64;
-    for batch in todo.chunks(RESYNC_BATCH) {
-        let mut copied = Vec::with_capacity(batch.len());
-        let mut stamps = Vec::with_capacity(batch.len());
-        for region in batch {
+    let mut regions = todo.into_iter().flatten().peekable();
+    while regions.peek().is_some() {
+        let _watch = repl.watch();
+        let mut copied = Vec::with_capacity(RESYNC_BATCH);
+        for region in regions.by_ref().take(RESYNC_BATCH) {
             // Rate limit: never ahead of the configured bytes per second.
             let due = Duration::from_secs_f64(
                 copied_bytes as f64 / repl.settings.resync_rate.max(1) as f64,
@@ -1068,17 +1246,16 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
-            match copy_region(service, volume_id, first_page, peer_name, *region).await {
-                Err(ForwardError::Behind(epoch)) => {
-                    debug!(volume = %volume_id, mirror = peer_name, %epoch, "resync paused: this server's map is behind");
-                    return;
-                }
+            match copy_region(service, volume_id, first_page, peer_name, region).await {
                 Ok((bytes, stamp)) => {
                     copied_bytes += bytes;
                     repl.resynced_bytes.set(repl.resynced_bytes.get() + bytes);
                     progress.copied.set(progress.copied.get() + 1);
-                    copied.push(*region);
-                    stamps.push(stamp);
+                    copied.push((region, stamp));
+                }
+                Err(ForwardError::Behind(epoch)) => {
+                    debug!(volume = %volume_id, mirror = peer_name, %epoch, "resync paused: an epoch change is under way");
+                    return;
                 }
                 Err(ForwardError::Failed(reason)) => {
                     warn!(volume = %volume_id, mirror = peer_name, region, %reason, "resync stopped");
@@ -1093,7 +1270,7 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
                 }
             }
         }
-        if !finish_batch(service, volume_id, first_page, peer_name, &copied, &stamps).await {
+        if !finish_batch(service, key, &copied).await {
             return;
         }
     }
@@ -1104,46 +1281,43 @@ async fn resync_partition(service: &Service, key: &(VolumeId, String, u64), prog
 }
 
 /// Copy one region (its part inside the partition) to `peer`; returns the
-/// bytes copied and the region's write stamp at the copy.
+/// bytes copied and the region's write stamp at the copy (`None` if a write
+/// was waiting on it: then its bits must not clear).
 async fn copy_region(
     service: &Service,
     volume_id: VolumeId,
     first_page: u64,
     peer_name: &str,
     region: u64,
-) -> Result<(u64, u64), ForwardError> {
+) -> Result<(u64, Option<u64>), ForwardError> {
     let repl = &service.replication;
     let (volume, map, partition, peer) = still_leading(service, volume_id, first_page, peer_name)
         .ok_or_else(|| {
         ForwardError::Failed("no longer the primary, or the mirror is out of sync".into())
     })?;
     let _gate = volume.hold().await;
-    let lock = repl.lock(volume_id, region);
-    let _exclusive = lock.write().await;
+    let locks = RegionLocks::new(repl, volume_id, region..region + 1);
+    let _exclusive = locks.locks[0].write().await;
     let page = u64::from(map.page_size);
     let start = (region * repl.region_size).max(partition.first_page * page);
     let end = ((region + 1) * repl.region_size)
         .min(partition.end_page * page)
         .min(volume.record().size);
+    let stamp = repl.quiet(volume_id, region);
     if start >= end {
-        return Ok((0, 0));
+        return Ok((0, stamp));
     }
     let len = (end - start) as u32;
-    let stamp = repl.quiet(volume_id, region).unwrap_or(0);
     let pieces = service
         .store
         .read(&volume, start, len)
         .await
         .map_err(|r| ForwardError::Failed(r.message))?;
+    let zero = pieces.iter().all(|piece| match piece {
+        ReadPiece::Data(buf) => buf.iter().all(|b| *b == 0),
+        ReadPiece::Zeroes(_) => true,
+    });
     let mut data = Vec::new();
-    let mut zero = true;
-    for piece in &pieces {
-        if let ReadPiece::Data(buf) = piece
-            && buf.iter().any(|b| *b != 0)
-        {
-            zero = false;
-        }
-    }
     let mut request = if zero {
         Request::new(
             Opcode::WriteZeroes,
@@ -1164,49 +1338,47 @@ async fn copy_region(
             .map_err(|e| ForwardError::Failed(e.to_string()))?
     };
     request.flags |= FLAG_RESYNC;
-    repl.forward(volume_id, &peer, &request, &data).await?;
-    drop(_exclusive);
-    drop(lock);
-    repl.unlock_idle(volume_id, region..region + 1);
+    repl.forward((volume_id, first_page), &peer, &request, &data)
+        .await?;
     Ok((u64::from(len), stamp))
 }
 
-/// After a batch: flush the mirror, then clear the copied regions' bits here
-/// and on the other replicas. False if the mirror is gone.
-async fn finish_batch(
-    service: &Service,
-    volume_id: VolumeId,
-    first_page: u64,
-    peer_name: &str,
-    copied: &[u64],
-    stamps: &[u64],
-) -> bool {
+/// After a batch: flush the mirror, then clear the bits of the copied
+/// regions that no write touched since, here and on the other replicas.
+/// False if the mirror is gone.
+async fn finish_batch(service: &Service, key: &MirrorKey, copied: &[(u64, Option<u64>)]) -> bool {
     let repl = &service.replication;
+    let (volume_id, peer_name, first_page) = (key.0, key.1.as_str(), key.2);
     let Some((volume, _, partition, peer)) =
         still_leading(service, volume_id, first_page, peer_name)
     else {
         return false;
     };
-    let flush = Request::new(Opcode::Flush, volume_id, volume.epoch(), 0, 0, 0);
-    if let Err(reason) = repl.forward(volume_id, &peer, &flush, &[]).await {
+    let epoch = volume.epoch();
+    let flush = Request::new(Opcode::Flush, volume_id, epoch, 0, 0, 0);
+    if let Err(reason) = repl
+        .forward((volume_id, first_page), &peer, &flush, &[])
+        .await
+    {
         warn!(mirror = peer_name, %reason, "flush after resync batch failed");
         return false;
     }
-    if let Some(set) = repl
+    // The copy paid the debt only where no write came after it.
+    let clean: Vec<u64> = copied
+        .iter()
+        .filter_map(|(r, stamp)| Some((*r, (*stamp)?)))
+        .filter(|(r, stamp)| repl.quiet(volume_id, *r) == Some(*stamp))
+        .map(|(r, _)| r)
+        .collect();
+    if let Some(owed) = repl
         .must_copy
         .borrow_mut()
         .get_mut(&(volume_id, peer_name.to_string()))
     {
-        for r in copied {
-            set.remove(r);
+        for r in &clean {
+            owed.remove(r);
         }
     }
-    let (clean, clean_stamps): (Vec<u64>, Vec<u64>) = copied
-        .iter()
-        .zip(stamps)
-        .filter(|(r, s)| repl.quiet(volume_id, **r) == Some(**s))
-        .map(|(r, s)| (*r, *s))
-        .unzip();
     if let Err(e) = service
         .store
         .clear_dirty(volume_id, peer_name, &clean)
@@ -1215,15 +1387,8 @@ async fn finish_batch(
         warn!(error = %e, "cannot clear bits after resync");
         return false;
     }
-    repl.forget_quiet(volume_id, &clean, &clean_stamps);
-    tell_clean(
-        repl,
-        volume_id,
-        &partition.replicas,
-        &[repl.me.clone(), peer_name.to_string()],
-        &clean,
-    )
-    .await;
+    let holders = [repl.me.clone(), peer_name.to_string()];
+    tell_clean(repl, volume_id, epoch, &partition, &holders, &clean).await;
     true
 }
 
@@ -1259,26 +1424,29 @@ mod tests {
     #[test]
     fn runs_convert_between_region_sizes_conservatively() {
         let all = 0..u64::MAX;
-        // Their 128 KiB regions 1..2 are our 64 KiB regions 2 and 3.
-        assert_eq!(
-            convert_runs(&[(1, 2)], 128 << 10, 64 << 10, &all, Cover::Inside),
-            vec![2, 3]
-        );
-        // Their 64 KiB region 3 lies in half of our 128 KiB region 1: copy it, never clear it.
-        assert_eq!(
-            convert_runs(&[(3, 4)], 64 << 10, 128 << 10, &all, Cover::Touching),
-            vec![1]
-        );
+        // Their 128 KiB region 1 is our 64 KiB regions 2 and 3.
+        let inside = convert_runs(&[(1, 2)], 128 << 10, 64 << 10, &all, Cover::Inside);
+        assert_eq!(inside, vec![2..4]);
+        // Their 64 KiB region 3 is half of our 128 KiB region 1: copy it, never clear it.
+        let touching = convert_runs(&[(3, 4)], 64 << 10, 128 << 10, &all, Cover::Touching);
+        assert_eq!(touching, vec![1..2]);
         assert!(convert_runs(&[(3, 4)], 64 << 10, 128 << 10, &all, Cover::Inside).is_empty());
-        // Hostile numbers neither overflow nor allocate past the limit.
+        // Hostile numbers neither overflow nor reach past the limit.
         let hostile = [(0, u64::MAX), (u64::MAX - 1, u64::MAX)];
-        assert_eq!(
-            convert_runs(&hostile, u32::MAX, 64 << 10, &(5..9), Cover::Touching),
-            vec![5, 6, 7, 8]
-        );
+        let limited = convert_runs(&hostile, u32::MAX, 64 << 10, &(5..9), Cover::Touching);
+        assert_eq!(limited, vec![5..9]);
         assert_eq!(
             convert_runs(&hostile, 0, 64 << 10, &(0..3), Cover::Inside),
-            vec![0, 1, 2]
+            vec![0..3]
         );
+        // A run of 2^44 regions stays one run.
+        let huge = convert_runs(&[(0, 1 << 44)], 65536, 65536, &all, Cover::Inside);
+        assert_eq!(huge, vec![0..1 << 44]);
+    }
+
+    #[test]
+    fn runs_merge() {
+        assert_eq!(merge_runs(vec![5..7, 1..2, 2..3, 6..9]), vec![1..3, 5..9]);
+        assert_eq!(runs_of([1, 2, 3, 7]), vec![1..4, 7..8]);
     }
 }

@@ -308,8 +308,9 @@ async fn serve_connection(service: Rc<Service>, conn: PeerConnection) {
             }
             Alpn::Mgmt => {
                 tokio_uring::spawn(async move {
+                    let sender = peer.clone();
                     let handled = serve_mgmt_stream(&peer, send, recv, |request| {
-                        serve_mgmt_request(&service, request)
+                        serve_mgmt_request(&service, &sender, request)
                     })
                     .await;
                     if let Err(e) = handled {
@@ -321,7 +322,11 @@ async fn serve_connection(service: Rc<Service>, conn: PeerConnection) {
     }
 }
 
-async fn serve_mgmt_request(service: &Service, request: MgmtRequest) -> MgmtReply {
+async fn serve_mgmt_request(
+    service: &Service,
+    sender: &PeerIdentity,
+    request: MgmtRequest,
+) -> MgmtReply {
     let store = &service.store;
     match request {
         MgmtRequest::PushMap { map } => {
@@ -348,7 +353,7 @@ async fn serve_mgmt_request(service: &Service, request: MgmtRequest) -> MgmtRepl
                 .unwrap_or(Epoch(0)),
         },
         request @ (MgmtRequest::DirtyRegions { .. } | MgmtRequest::Clean { .. }) => {
-            replication::handle_peer_request(service, request).await
+            replication::handle_peer_request(service, sender, request).await
         }
         MgmtRequest::RegionChecksums {
             volume,
@@ -531,9 +536,15 @@ async fn execute(
         None
     };
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
-    let admitted = store.admit(&volume, request, peer).await?;
-    let epoch = volume.epoch();
     let forwarded = request.flags & FLAG_REPLICA != 0;
+    let admitted = if forwarded {
+        // A primary waits on this with its own gate held: queueing behind a
+        // map push here could close a cycle of servers waiting on each other.
+        store.try_admit(&volume, request, peer)?
+    } else {
+        store.admit(&volume, request, peer).await?
+    };
+    let epoch = volume.epoch();
     let pieces = match (request.opcode, payload) {
         (Opcode::Read, _) => store.read(&volume, request.offset, request.length).await?,
         (Opcode::Write | Opcode::Trim | Opcode::WriteZeroes, payload) => {

@@ -73,6 +73,9 @@ pub struct Volume {
     /// The whole map slice (replica sets and states), from the management
     /// server; `None` after a restart until it has been fetched again.
     map: RefCell<Option<Rc<VolumeMap>>>,
+    /// Created by a map push in this process (not loaded from the device):
+    /// nothing was written to it before this process knew its map.
+    assigned_here: Cell<bool>,
     gate: RwLock<()>,
 }
 
@@ -83,6 +86,7 @@ impl Volume {
             record_index,
             record: RefCell::new(record),
             map: RefCell::new(None),
+            assigned_here: Cell::new(false),
             gate: RwLock::new(()),
         }
     }
@@ -94,6 +98,11 @@ impl Volume {
     /// The map slice this server enforces, once known.
     pub fn map(&self) -> Option<Rc<VolumeMap>> {
         self.map.borrow().clone()
+    }
+
+    /// Whether this volume was assigned by a map push in this process.
+    pub fn assigned_here(&self) -> bool {
+        self.assigned_here.get()
     }
 
     /// Whether this replica was created empty and still needs a full copy.
@@ -492,7 +501,32 @@ impl<D: BlockDevice> Store<D> {
         peer: &str,
         regions: &[u64],
     ) -> Result<(), EngineError> {
-        let pools = self.bitmasks.borrow_mut().clear(volume, peer, regions);
+        let mut pools = Vec::new();
+        for run in tessera_net::proto::region_runs(regions) {
+            pools.extend(self.bitmasks.borrow_mut().clear(volume, peer, run.0..run.1));
+        }
+        pools.sort_unstable();
+        pools.dedup();
+        for pool in pools {
+            self.persist_bitmask(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Clear runs of regions of `volume` for `peer`, durably; the cost does
+    /// not depend on how long the runs are.
+    pub async fn clear_dirty_runs(
+        &self,
+        volume: VolumeId,
+        peer: &str,
+        runs: &[Range<u64>],
+    ) -> Result<(), EngineError> {
+        let mut pools = Vec::new();
+        for run in runs {
+            pools.extend(self.bitmasks.borrow_mut().clear(volume, peer, run.clone()));
+        }
+        pools.sort_unstable();
+        pools.dedup();
         for pool in pools {
             self.persist_bitmask(pool).await?;
         }
@@ -634,6 +668,7 @@ impl<D: BlockDevice> Store<D> {
         }
         info!(volume = %map.id, epoch = %map.epoch, name = %map.name, full_copy = !in_sync, "volume assigned");
         let volume = Volume::new(map.id, index, record);
+        volume.assigned_here.set(true);
         *volume.map.borrow_mut() = Some(Rc::new(map.clone()));
         self.volumes.borrow_mut().insert(map.id, Rc::new(volume));
         Ok(map.epoch)
@@ -724,8 +759,7 @@ impl<D: BlockDevice> Store<D> {
         }
         let pools = self.bitmasks.borrow().pool_blocks(id, None);
         for peer in self.dirty_peers(id) {
-            let regions = self.dirty_regions(id, &peer);
-            self.bitmasks.borrow_mut().clear(id, &peer, &regions);
+            self.bitmasks.borrow_mut().clear(id, &peer, 0..u64::MAX);
         }
         for pool in pools {
             self.persist_bitmask(pool).await?;
@@ -857,6 +891,26 @@ impl<D: BlockDevice> Store<D> {
         peer: &PeerIdentity,
     ) -> Result<Admitted<'v>, Refusal> {
         let gate = volume.gate.read().await;
+        self.check(volume, request, peer)?;
+        Ok(Admitted { _gate: gate })
+    }
+
+    /// Admit a request without waiting: while a new epoch is being applied
+    /// the request is refused with STALE_EPOCH at the current epoch (the
+    /// sender retries once its own map has moved on).
+    pub fn try_admit<'v>(
+        &self,
+        volume: &'v Volume,
+        request: &Request,
+        peer: &PeerIdentity,
+    ) -> Result<Admitted<'v>, Refusal> {
+        let gate = volume.gate.try_read().map_err(|_| {
+            Refusal::new(
+                Status::StaleEpoch,
+                volume.epoch(),
+                "an epoch change is in progress",
+            )
+        })?;
         self.check(volume, request, peer)?;
         Ok(Admitted { _gate: gate })
     }

@@ -186,8 +186,10 @@ impl ClusterState {
     /// wherever another replica is in sync on a server that is up, its
     /// replica goes out of sync, and if it was the primary that replica is
     /// promoted. A partition with no such replica keeps its layout: it waits
-    /// for this server, which holds every write it acknowledged.
-    fn lose_replicas(&mut self, server: &str) {
+    /// for this server, which holds every write it acknowledged, unless the
+    /// server's disk was `wiped`: then its replicas are out of sync in any
+    /// case (the partition's data is lost if no other copy is in sync).
+    fn lose_replicas(&mut self, server: &str, wiped: bool) {
         let up: BTreeSet<String> = self
             .servers
             .iter()
@@ -202,10 +204,12 @@ impl ClusterState {
                 let successor = p.replicas.iter().position(|r| {
                     r.server != server && r.state == MirrorState::InSync && up.contains(&r.server)
                 });
+                if successor.is_some() || wiped {
+                    p.replicas[at].state = MirrorState::OutOfSync;
+                }
                 let Some(successor) = successor else {
                     continue;
                 };
-                p.replicas[at].state = MirrorState::OutOfSync;
                 if at == 0 {
                     let promoted = p.replicas.remove(successor);
                     p.replicas.insert(0, promoted);
@@ -252,7 +256,7 @@ impl ClusterState {
                     if let Some(server) = self.servers.get_mut(name) {
                         server.up = false;
                     }
-                    self.lose_replicas(name);
+                    self.lose_replicas(name, true);
                 }
                 self.servers.insert(name.clone(), record);
                 for volume in self.volumes_on(name) {
@@ -272,7 +276,7 @@ impl ClusterState {
                 }
                 server.up = *up;
                 if !*up {
-                    self.lose_replicas(name);
+                    self.lose_replicas(name, false);
                 }
                 for volume in self.volumes_on(name) {
                     self.mark_changed(outcome, &volume, BTreeSet::new());

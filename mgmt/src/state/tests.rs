@@ -356,6 +356,22 @@ fn a_wiped_disk_puts_its_replicas_out_of_sync() {
 }
 
 #[test]
+fn a_wiped_sole_copy_is_out_of_sync_not_a_copy() {
+    let mut s = three_servers();
+    s.apply(&create("v", 4 * MIB, 1)).unwrap();
+    let only = replicas(&s, "v")[0].0.clone();
+    let record = s.servers[&only].clone();
+    s.apply(&Command::RegisterServer {
+        name: only.clone(),
+        data_addr: record.data_addr,
+        capacity: record.capacity,
+        incarnation: record.incarnation + 1,
+    })
+    .unwrap();
+    assert_eq!(replicas(&s, "v"), vec![(only, MirrorState::OutOfSync)]);
+}
+
+#[test]
 fn the_primary_cannot_be_marked_out_of_sync() {
     let mut s = three_servers();
     s.apply(&create("v", 4 * MIB, 2)).unwrap();

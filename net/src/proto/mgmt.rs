@@ -244,8 +244,12 @@ pub enum MgmtRequest {
     DirtyRegions { volume: VolumeId, peer: String },
     /// Storage server to storage server: `regions` are equal on every replica
     /// named in `peers`; clear your bits for them.
+    /// Only from the primary of the partition at `first_page`, at the
+    /// volume's current epoch; regions outside the partition are ignored.
     Clean {
         volume: VolumeId,
+        epoch: Epoch,
+        first_page: u64,
         peers: Vec<String>,
         regions: Vec<(u64, u64)>,
         /// The sender's region size (the unit of `regions`).

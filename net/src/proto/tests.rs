@@ -228,6 +228,8 @@ fn all_requests() -> Vec<MgmtRequest> {
         },
         MgmtRequest::Clean {
             volume: VolumeId(4),
+            epoch: Epoch(9),
+            first_page: 16,
             peers: vec![s("a"), s("b")],
             regions: vec![(0, 4), (9, 10)],
             region_size: 65536,
