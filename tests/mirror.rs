@@ -138,6 +138,8 @@ type Acked = Arc<Mutex<HashMap<u64, u64>>>;
 struct Workload {
     acked: Acked,
     writes: Arc<AtomicU64>,
+    /// The longest a write took (µs): the stall a lost replica causes.
+    slowest_us: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -154,15 +156,17 @@ impl Workload {
     fn start(volume: &Volume, writers: u64, seed: u64) -> Self {
         let acked: Acked = Arc::default();
         let writes = Arc::new(AtomicU64::new(0));
+        let slowest_us = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let blocks = volume.size() / BLOCK;
         let tasks = (0..writers)
             .map(|w| {
-                let (volume, acked, writes, failures, stop) = (
+                let (volume, acked, writes, slowest_us, failures, stop) = (
                     volume.clone(),
                     acked.clone(),
                     writes.clone(),
+                    slowest_us.clone(),
                     failures.clone(),
                     stop.clone(),
                 );
@@ -179,7 +183,11 @@ impl Workload {
                         for b in first..first + count {
                             data.extend_from_slice(&block_bytes(b, tag));
                         }
-                        match volume.write_at(first * BLOCK, &data).await {
+                        let started = Instant::now();
+                        let written = volume.write_at(first * BLOCK, &data).await;
+                        slowest_us
+                            .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        match written {
                             Ok(()) => {
                                 let mut a = acked.lock().unwrap();
                                 for b in first..first + count {
@@ -204,6 +212,7 @@ impl Workload {
         Workload {
             acked,
             writes,
+            slowest_us,
             failures,
             stop,
             tasks,
@@ -419,6 +428,7 @@ async fn lose_and_return(victim: usize) {
 
     servers[victim] = restart(&cluster, &mgmt, &name);
     wait_in_sync(&mgmt, &cluster, "m", 60).await;
+    let slowest = Duration::from_micros(workload.slowest_us.load(Ordering::Relaxed));
     let (acked, writes, failures) = workload.finish().await;
     assert_eq!(failures, 0, "the application saw write errors");
     assert!(writes > 50, "only {writes} writes");
@@ -429,9 +439,8 @@ async fn lose_and_return(victim: usize) {
     let copied: u64 = s.servers.iter().map(|s| s.resynced_bytes).sum();
     assert!(copied > 0, "the returning replica was resynced");
     println!(
-        "lost {name}: {writes} writes acknowledged, {} blocks checked, {} resynced",
+        "lost {name}: {writes} writes acknowledged, slowest {slowest:?}, {} blocks checked, {copied} bytes resynced",
         acked.len(),
-        copied
     );
 }
 

@@ -256,11 +256,25 @@ impl Bitmasks {
             .collect()
     }
 
-    /// How many regions are set for `peer`.
-    pub fn count(&self, volume: VolumeId, peer: &str) -> u64 {
-        self.entries
-            .get(&(volume, peer.to_string()))
-            .map_or(0, |m| m.values().map(|e| e.bits.count_ones() as u64).sum())
+    /// How many regions of `range` are set for `peer` (a step per block).
+    pub fn count_range(&self, volume: VolumeId, peer: &str, range: std::ops::Range<u64>) -> u64 {
+        let Some(map) = self.entries.get(&(volume, peer.to_string())) else {
+            return 0;
+        };
+        let (first_block, _) = split(range.start);
+        let mut count = 0;
+        for (number, entry) in map.range(first_block..) {
+            let base = number * REGIONS_PER_BITMASK_BLOCK;
+            if base >= range.end {
+                break;
+            }
+            let from = range.start.saturating_sub(base) as usize;
+            let to = (range.end - base).min(REGIONS_PER_BITMASK_BLOCK) as usize;
+            if from < to {
+                count += entry.bits[from..to].count_ones() as u64;
+            }
+        }
+        count
     }
 
     /// Every peer with an entry for `volume`.
@@ -310,7 +324,7 @@ mod tests {
         assert!(b.is_durable(V, "p", 6));
         // A hot region costs no more metadata writes.
         assert!(b.set(V, "p", 5..8).unwrap().is_empty());
-        assert_eq!(b.count(V, "p"), 3);
+        assert_eq!(b.count_range(V, "p", 0..u64::MAX), 3);
         assert_eq!(b.regions(V, "p"), vec![5, 6, 7]);
     }
 
@@ -327,7 +341,7 @@ mod tests {
         assert!(payload.is_empty(), "an all-clear block is written empty");
         b.persisted(pools[0], bits);
         assert_eq!(b.usage(), (0, 2));
-        assert_eq!(b.count(V, "p"), 0);
+        assert_eq!(b.count_range(V, "p", 0..u64::MAX), 0);
     }
 
     #[test]
@@ -340,7 +354,7 @@ mod tests {
             Err(PoolFull)
         );
         assert_eq!(b.usage(), (1, 2), "the failed set kept no block");
-        assert_eq!(b.count(V, "q"), 0);
+        assert_eq!(b.count_range(V, "q", 0..u64::MAX), 0);
         b.set(V, "q", 0..1).unwrap();
     }
 
@@ -360,11 +374,29 @@ mod tests {
     }
 
     #[test]
+    fn counts_by_range() {
+        let mut b = Bitmasks::new(4);
+        b.set(V, "p", 10..20).unwrap();
+        b.set(
+            V,
+            "p",
+            REGIONS_PER_BITMASK_BLOCK + 5..REGIONS_PER_BITMASK_BLOCK + 8,
+        )
+        .unwrap();
+        assert_eq!(b.count_range(V, "p", 0..u64::MAX), 13);
+        assert_eq!(b.count_range(V, "p", 15..REGIONS_PER_BITMASK_BLOCK + 6), 6);
+        assert_eq!(b.count_range(V, "q", 0..u64::MAX), 0);
+    }
+
+    #[test]
     fn huge_ranges_cost_one_step_per_block() {
         let mut b = Bitmasks::new(64);
         let pools = b.set(V, "me", 0..10 * REGIONS_PER_BITMASK_BLOCK).unwrap();
         assert_eq!(pools.len(), 10);
-        assert_eq!(b.count(V, "me"), 10 * REGIONS_PER_BITMASK_BLOCK);
+        assert_eq!(
+            b.count_range(V, "me", 0..u64::MAX),
+            10 * REGIONS_PER_BITMASK_BLOCK
+        );
         assert_eq!(b.clear(V, "me", 5..u64::MAX).len(), 10);
         assert_eq!(b.regions(V, "me"), vec![0, 1, 2, 3, 4]);
     }

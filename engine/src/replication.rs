@@ -529,10 +529,7 @@ impl Replication {
                 for peer in p.replicas.iter().skip(1) {
                     let dirty = service
                         .store
-                        .dirty_regions(volume.id, &peer.server)
-                        .into_iter()
-                        .filter(|r| range.contains(r))
-                        .count() as u64;
+                        .dirty_count(volume.id, &peer.server, range.clone());
                     let resync = self
                         .resyncs
                         .borrow()
@@ -820,7 +817,7 @@ pub async fn handle_peer_request(
             regions.dedup();
             MgmtReply::Regions {
                 all,
-                regions: region_runs(&regions),
+                regions: coarsen(region_runs(&regions), MAX_REGION_RUNS),
                 region_size: repl.region_size(),
             }
         }
@@ -951,6 +948,27 @@ fn convert_runs(
         }
     }
     merge_runs(out)
+}
+
+/// The most runs a `DirtyRegions` answer carries (well inside a frame).
+const MAX_REGION_RUNS: usize = 100_000;
+
+/// At most `max` runs covering `runs`: neighbours are joined across ever
+/// larger gaps. Covering more is safe where it is used (what to copy).
+fn coarsen(mut runs: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
+    let mut gap = 1u64;
+    while runs.len() > max.max(1) {
+        let mut joined: Vec<(u64, u64)> = Vec::with_capacity(runs.len() / 2 + 1);
+        for (first, end) in runs {
+            match joined.last_mut() {
+                Some(last) if first.saturating_sub(last.1) <= gap => last.1 = last.1.max(end),
+                _ => joined.push((first, end)),
+            }
+        }
+        runs = joined;
+        gap = gap.saturating_mul(2);
+    }
+    runs
 }
 
 /// Sort and merge overlapping or touching runs.
@@ -1442,6 +1460,17 @@ mod tests {
         // A run of 2^44 regions stays one run.
         let huge = convert_runs(&[(0, 1 << 44)], 65536, 65536, &all, Cover::Inside);
         assert_eq!(huge, vec![0..1 << 44]);
+    }
+
+    #[test]
+    fn coarsened_runs_cover_what_they_replace() {
+        let runs: Vec<(u64, u64)> = (0..1000).map(|i| (i * 3, i * 3 + 1)).collect();
+        let coarse = coarsen(runs.clone(), 10);
+        assert!(coarse.len() <= 10, "{}", coarse.len());
+        for (first, end) in runs {
+            assert!(coarse.iter().any(|(a, b)| *a <= first && end <= *b));
+        }
+        assert_eq!(coarsen(vec![(1, 2)], 10), vec![(1, 2)]);
     }
 
     #[test]

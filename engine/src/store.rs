@@ -543,9 +543,9 @@ impl<D: BlockDevice> Store<D> {
         self.bitmasks.borrow().regions(volume, peer)
     }
 
-    /// How many regions are set for `peer`.
-    pub fn dirty_count(&self, volume: VolumeId, peer: &str) -> u64 {
-        self.bitmasks.borrow().count(volume, peer)
+    /// How many regions of `range` are set for `peer`.
+    pub fn dirty_count(&self, volume: VolumeId, peer: &str, range: Range<u64>) -> u64 {
+        self.bitmasks.borrow().count_range(volume, peer, range)
     }
 
     /// Peers with bits for `volume`.
