@@ -1,10 +1,8 @@
 //! `tessera demo`: a whole cluster on loopback with file-backed disks, a
 //! volume written and verified through the driver, served over NBD.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,15 +11,15 @@ use clap::Args;
 use tessera_driver::nbd::{Export, Listen, Listener};
 use tessera_driver::{Client, MgmtServer};
 use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal, Role};
-use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
+use tessera_net::quic::certs::CA_CERT_FILE;
 use tessera_net::quic::{Alpn, Endpoint, TlsIdentity, TransportTuning};
 use tessera_net::units::ByteSize;
 
+use crate::local::LocalCluster;
 use crate::runtime::shutdown_signal;
 
 const STORAGE: [&str; 3] = ["store-1", "store-2", "store-3"];
 const VOLUME: &str = "demo";
-const CERT_DAYS: u32 = 825;
 
 /// Run a local cluster on loopback: a management server, three storage
 /// servers on file-backed disks, one volume, served over NBD until Ctrl-C.
@@ -36,94 +34,15 @@ pub struct DemoCommand {
     /// Size of the demo volume (created on the first run).
     #[arg(long, default_value = "1G")]
     volume_size: ByteSize,
+    /// Copies of every page of the demo volume (on distinct servers, 1 to 3).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=3))]
+    replicas: u8,
     /// Where NBD clients connect: tcp:HOST:PORT or unix:PATH.
     #[arg(long, default_value = "tcp:127.0.0.1:10809")]
     nbd: Listen,
     /// Verify, shut down cleanly and exit 0 or 1 (for CI) instead of serving.
     #[arg(long)]
     check: bool,
-}
-
-/// Child processes, stopped (SIGTERM, then waited for) when dropped.
-struct Children(Vec<(String, Child)>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, child) in &self.0 {
-            // SAFETY: plain syscall with our child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        }
-        for (name, child) in &mut self.0 {
-            match child.wait() {
-                Ok(status) if !status.success() => eprintln!("  {name} exited with {status}"),
-                Ok(_) => {}
-                Err(e) => eprintln!("  {name}: {e}"),
-            }
-        }
-    }
-}
-
-impl Children {
-    /// Start `tessera ARGS`, wait for its "serving on ADDR" line, return ADDR.
-    fn spawn(&mut self, name: &str, args: &[&str], log: &Path) -> anyhow::Result<String> {
-        let exe = std::env::current_exe().context("cannot find the tessera binary")?;
-        let log_file = std::fs::File::create(log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut command = Command::new(exe);
-        command.args(args).stdout(Stdio::piped()).stderr(log_file);
-        // SAFETY: prctl is async-signal-safe; it makes the child die with the demo.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        self.0.push((name.to_string(), child));
-        match line.trim().rsplit_once("serving on ") {
-            Some((_, addr)) => Ok(addr.to_string()),
-            None => {
-                let log_text = std::fs::read_to_string(log).unwrap_or_default();
-                let last = log_text.lines().last().unwrap_or("(no output)");
-                bail!(
-                    "{name} did not start; its log {} ends with: {last}",
-                    log.display()
-                )
-            }
-        }
-    }
-}
-
-fn ensure_certificates(dir: &Path) -> anyhow::Result<()> {
-    let ca = if dir.join(CA_CERT_FILE).exists() {
-        ClusterCa::load(dir)?
-    } else {
-        let ca = ClusterCa::generate("tessera-demo", 3650)?;
-        ca.save(dir)?;
-        ca
-    };
-    let mut wanted = vec![
-        (Role::Mgmt, "mgmt"),
-        (Role::Admin, "admin"),
-        (Role::Client, "demo"),
-    ];
-    wanted.extend(STORAGE.iter().map(|s| (Role::Storage, *s)));
-    for (role, name) in wanted {
-        if !dir.join(format!("{name}.crt")).exists() {
-            ca.issue(role, name, CERT_DAYS)?.save(dir, name)?;
-        }
-    }
-    Ok(())
 }
 
 pub fn run(command: DemoCommand) -> anyhow::Result<()> {
@@ -139,60 +58,23 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
             "reusing the cluster there"
         }
     );
-    ensure_certificates(dir)?;
-    let d = dir
-        .to_str()
-        .context("the demo directory must be valid UTF-8")?;
-
-    let mut children = Children(Vec::new());
-    let state = format!("{d}/mgmt-state");
-    let mgmt = children.spawn(
-        "mgmt",
-        &[
-            "mgmt",
-            "--state",
-            &state,
-            "--listen",
-            "127.0.0.1:0",
-            "--cluster-dir",
-            d,
-            "--name",
-            "mgmt",
-        ],
-        &dir.join("mgmt.log"),
-    )?;
-    println!("  management server   {mgmt}   (log {d}/mgmt.log)");
-    let size = command.disk_size.to_string().replace(' ', "");
-    for name in STORAGE {
-        let data = format!("{d}/{name}.img");
-        let addr = children.spawn(
-            name,
-            &[
-                "storage",
-                "--data",
-                &data,
-                "--size",
-                &size,
-                "--listen",
-                "127.0.0.1:0",
-                "--mgmt",
-                &mgmt,
-                "--cluster-dir",
-                d,
-                "--name",
-                name,
-            ],
-            &dir.join(format!("{name}.log")),
-        )?;
+    let cluster = LocalCluster::start(dir, &STORAGE, &["demo"], command.disk_size)?;
+    let mgmt = cluster.mgmt;
+    println!(
+        "  management server   {mgmt}   (log {}/mgmt.log)",
+        dir.display()
+    );
+    for (name, addr) in &cluster.storage {
         println!(
-            "  storage server      {addr}   {name}, disk {data} ({})",
+            "  storage server      {addr}   {name}, disk {}/{name}.img ({})",
+            dir.display(),
             command.disk_size
         );
     }
 
     let runtime = crate::runtime::multi_thread()?;
-    let result = runtime.block_on(demo(&command, dir, mgmt.parse()?));
-    drop(children);
+    let result = runtime.block_on(demo(&command, dir, mgmt));
+    drop(cluster);
     match &result {
         Ok(()) if command.check => println!("demo check passed; cluster stopped cleanly"),
         Ok(()) => println!("stopped"),
@@ -224,8 +106,8 @@ async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    // Every page on two servers: a primary and one mirror.
-    let replicas = 2.min(up as u8);
+    // By default every page is on two servers: a primary and one mirror.
+    let replicas = command.replicas.min(up as u8);
     let create = AdminCommand::CreateVolume {
         name: VOLUME.into(),
         size: command.volume_size.0,

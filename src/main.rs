@@ -10,7 +10,9 @@ use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
+mod bench_cmd;
 mod demo;
+mod local;
 mod mgmt_cmd;
 mod mirror_cmd;
 mod nbd_cmd;
@@ -65,6 +67,8 @@ enum Command {
         #[command(flatten)]
         connection: admin::Connection,
     },
+    /// Benchmark workloads through the driver (a local cluster by default).
+    Bench(Box<bench_cmd::BenchCommand>),
     /// Mirror states of a volume, and waiting for resyncs (admin).
     Mirror {
         #[command(subcommand)]
@@ -139,6 +143,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(command) => demo::run(command),
+        Command::Bench(command) => bench_cmd::run(*command),
         Command::Cluster(ClusterCommand::Init(args)) => cluster_init(args),
         Command::Cert(CertCommand::Issue(args)) => cert_issue(args),
         Command::Storage(command) => storage::run(*command),
