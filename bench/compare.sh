@@ -23,6 +23,8 @@ SECS=${2:-10}
 SPAN=${3:-1G}
 mkdir -p "$DIR"
 RESULTS="$DIR/results.jsonl"
+DEMO= QEMU= NBDKIT=
+trap 'kill $DEMO $QEMU $NBDKIT 2>/dev/null || true' EXIT
 : > "$RESULTS"
 
 missing=()
@@ -57,7 +59,9 @@ fio_run() {
   python3 - "$setup" "$workload" "$DIR/fio.json" >> "$RESULTS" <<'PY'
 import json, sys
 setup, workload, path = sys.argv[1:4]
-job = json.load(open(path))["jobs"][0]
+text = open(path).read()
+# The nbd engine prints a line before the JSON.
+job = json.loads(text[text.index("{"):])["jobs"][0]
 iops = job["read"]["iops"] + job["write"]["iops"]
 mbps = (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6
 side = job["read"] if job["read"]["iops"] >= job["write"]["iops"] else job["write"]
@@ -79,6 +83,13 @@ fio_all() {
   done
 }
 
+# Write the whole span once, so reads read data (unwritten extents and
+# unwritten Tessera chunks read as zeroes without touching the disk).
+fill() {
+  fio --name=fill --rw=write --bs=1m --iodepth=8 --size="$SPAN" --output-format=terse "$@" \
+      > /dev/null 2>"$DIR/fill.err" || { cat "$DIR/fill.err" >&2; return 1; }
+}
+
 wait_port() {
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
@@ -89,6 +100,7 @@ wait_port() {
 
 echo "== raw disk: fio io_uring O_DIRECT on $DIR/raw.img"
 rm -f "$DIR/raw.img"; fallocate -l "$SPAN" "$DIR/raw.img"
+fill --filename="$DIR/raw.img" --ioengine=io_uring --direct=1
 fio_all raw --filename="$DIR/raw.img" --size="$SPAN" --ioengine=io_uring --direct=1
 rm -f "$DIR/raw.img"
 
@@ -114,26 +126,32 @@ rm -rf "$DIR/nbd"; mkdir -p "$DIR/nbd"
     --nbd tcp:127.0.0.1:10931 > demo.out 2> demo.log) &
 DEMO=$!
 wait_port 10931
+fill --ioengine=nbd --uri=nbd://127.0.0.1:10931/demo
 fio_all tessera-nbd --ioengine=nbd --uri=nbd://127.0.0.1:10931/demo --size="$SPAN"
 kill "$DEMO"; wait "$DEMO" || true
+DEMO=
 rm -rf "$DIR/nbd"
 
 echo "== qemu-nbd --cache=none --aio=io_uring"
 rm -f "$DIR/qemu.img"; fallocate -l "$SPAN" "$DIR/qemu.img"
+fill --filename="$DIR/qemu.img" --ioengine=io_uring --direct=1
 qemu-nbd --cache=none --aio=io_uring -f raw -p 10932 -b 127.0.0.1 -e 64 --persistent "$DIR/qemu.img" &
 QEMU=$!
 wait_port 10932
 fio_all qemu-nbd --ioengine=nbd --uri=nbd://127.0.0.1:10932 --size="$SPAN"
 kill "$QEMU"; wait "$QEMU" || true
+QEMU=
 rm -f "$DIR/qemu.img"
 
 echo "== nbdkit file (cache=none)"
 rm -f "$DIR/nbdkit.img"; fallocate -l "$SPAN" "$DIR/nbdkit.img"
+fill --filename="$DIR/nbdkit.img" --ioengine=io_uring --direct=1
 nbdkit --foreground -p 10933 -i 127.0.0.1 file "$DIR/nbdkit.img" cache=none &
 NBDKIT=$!
 wait_port 10933
 fio_all nbdkit --ioengine=nbd --uri=nbd://127.0.0.1:10933 --size="$SPAN"
 kill "$NBDKIT"; wait "$NBDKIT" || true
+NBDKIT=
 rm -f "$DIR/nbdkit.img"
 
 python3 - "$RESULTS" <<'PY'

@@ -44,8 +44,15 @@ impl Endpoint {
         } else {
             Some(server_config(identity, tuning, serve)?)
         };
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(tuning.max_mtu.max(1200))
+            .map_err(|e| QuicError::Socket {
+                action: "endpoint setup",
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+            })?;
         let inner = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             server,
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -67,6 +67,11 @@ pub struct TransportTuning {
     pub socket_send_buffer: usize,
     /// First UDP payload size tried; path MTU discovery raises it from there.
     pub initial_mtu: u16,
+    /// The largest UDP payload path MTU discovery tries. Bigger packets move
+    /// bulk data with fewer packets where the path allows them (loopback,
+    /// jumbo frames); on a 1500-byte network discovery stays at ~1452.
+    /// Measured on loopback: 4000 doubles bulk throughput; 7000+ stalled.
+    pub max_mtu: u16,
 }
 
 impl Default for TransportTuning {
@@ -81,6 +86,7 @@ impl Default for TransportTuning {
             socket_recv_buffer: 8 << 20,
             socket_send_buffer: 8 << 20,
             initial_mtu: 1452,
+            max_mtu: 4000,
         }
     }
 }
@@ -99,6 +105,11 @@ impl TransportTuning {
                 u32::try_from(self.idle_timeout_ms).unwrap_or(u32::MAX),
             ))))
             .initial_mtu(self.initial_mtu.max(1200))
+            .mtu_discovery_config(Some({
+                let mut discovery = quinn::MtuDiscoveryConfig::default();
+                discovery.upper_bound(self.max_mtu.max(self.initial_mtu).max(1200));
+                discovery
+            }))
             .datagram_receive_buffer_size(None);
         Arc::new(config)
     }
