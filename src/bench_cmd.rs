@@ -12,8 +12,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_bench::{Progress, Report, STANDARD, Workload};
 use tessera_driver::{Client, MgmtServer, Volume};
-use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal, Role};
-use tessera_net::quic::{Alpn, Endpoint, TlsIdentity, TransportTuning};
+use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal};
+use tessera_net::quic::TlsIdentity;
 use tessera_net::units::ByteSize;
 
 use crate::local::LocalCluster;
@@ -106,7 +106,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             let dir = command.dir.clone();
             let pids = cluster.pids();
             let reports = runtime.block_on(async {
-                let volume = local_volume(&command, &dir, cluster.mgmt, names.len()).await?;
+                let volume = local_volume(&command, &dir, &cluster).await?;
                 measure(&command, &volume, &workloads, &pids).await
             });
             drop(cluster);
@@ -159,27 +159,9 @@ async fn open(
 async fn local_volume(
     command: &BenchCommand,
     dir: &std::path::Path,
-    mgmt: SocketAddr,
-    servers: usize,
+    cluster: &LocalCluster,
 ) -> anyhow::Result<Volume> {
-    let admin_id = TlsIdentity::load_dir(dir, "admin")?;
-    let endpoint = Endpoint::client(mgmt, &admin_id, &TransportTuning::default())?;
-    let admin = endpoint
-        .connect(mgmt, "mgmt", Alpn::Mgmt, Role::Mgmt)
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await? else {
-            bail!("unexpected status reply");
-        };
-        if status.servers.iter().filter(|s| s.up).count() >= servers {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the storage servers did not all register");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (endpoint, admin) = cluster.admin(dir).await?;
     let create = AdminCommand::CreateVolume {
         name: VOLUME.into(),
         size: command.span.0,
@@ -193,7 +175,7 @@ async fn local_volume(
     }
     endpoint.close();
     let identity = TlsIdentity::load_dir(dir, "bench")?;
-    let volume = open(mgmt, "mgmt", &identity, VOLUME).await?;
+    let volume = open(cluster.mgmt, "mgmt", &identity, VOLUME).await?;
     if volume.size() < command.span.0 {
         bail!(
             "the bench volume in {} is smaller than --span; remove the directory",

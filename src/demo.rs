@@ -4,15 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use tessera_driver::nbd::{Export, Listen, Listener};
 use tessera_driver::{Client, MgmtServer};
-use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal, Role};
+use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal};
 use tessera_net::quic::certs::CA_CERT_FILE;
-use tessera_net::quic::{Alpn, Endpoint, TlsIdentity, TransportTuning};
+use tessera_net::quic::TlsIdentity;
 use tessera_net::units::ByteSize;
 
 use crate::local::LocalCluster;
@@ -73,7 +73,7 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
     }
 
     let runtime = crate::runtime::multi_thread()?;
-    let result = runtime.block_on(demo(&command, dir, mgmt));
+    let result = runtime.block_on(demo(&command, dir, &cluster));
     drop(cluster);
     match &result {
         Ok(()) if command.check => println!("demo check passed; cluster stopped cleanly"),
@@ -83,28 +83,10 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
     result
 }
 
-async fn demo(command: &DemoCommand, dir: &Path, mgmt: std::net::SocketAddr) -> anyhow::Result<()> {
-    let admin_id = TlsIdentity::load_dir(dir, "admin")?;
-    let endpoint = Endpoint::client(mgmt, &admin_id, &TransportTuning::default())?;
-    let admin = endpoint
-        .connect(mgmt, "mgmt", Alpn::Mgmt, Role::Mgmt)
-        .await?;
-
-    // Wait for the storage servers to register.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let up = loop {
-        let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await? else {
-            bail!("unexpected status reply");
-        };
-        let up = status.servers.iter().filter(|s| s.up).count();
-        if up == STORAGE.len() {
-            break up;
-        }
-        if Instant::now() > deadline {
-            bail!("only {up} of {} storage servers registered", STORAGE.len());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
+    let mgmt = cluster.mgmt;
+    let (endpoint, admin) = cluster.admin(dir).await?;
+    let up = cluster.storage.len();
 
     // By default every page is on two servers: a primary and one mirror.
     let replicas = command.replicas.min(up as u8);

@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tessera_net::proto::Role;
+use tessera_net::proto::{MgmtReply, MgmtRequest, Role};
 use tessera_net::quic::certs::{CA_CERT_FILE, ClusterCa};
+use tessera_net::quic::{Alpn, Endpoint, PeerConnection, TlsIdentity, TransportTuning};
 use tessera_net::units::ByteSize;
 
 const CERT_DAYS: u32 = 825;
@@ -103,6 +104,33 @@ impl LocalCluster {
             cluster.storage.push((name.to_string(), addr));
         }
         Ok(cluster)
+    }
+
+    /// An admin connection to the management server, once all storage
+    /// servers have registered (waits up to 30 s). Close the endpoint when done.
+    pub async fn admin(&self, dir: &Path) -> anyhow::Result<(Endpoint, PeerConnection)> {
+        let identity = TlsIdentity::load_dir(dir, "admin")?;
+        let endpoint = Endpoint::client(self.mgmt, &identity, &TransportTuning::default())?;
+        let admin = endpoint
+            .connect(self.mgmt, "mgmt", Alpn::Mgmt, Role::Mgmt)
+            .await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await? else {
+                bail!("unexpected status reply");
+            };
+            let up = status.servers.iter().filter(|s| s.up).count();
+            if up >= self.storage.len() {
+                return Ok((endpoint, admin));
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "only {up} of {} storage servers registered",
+                    self.storage.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Process ids of the servers (for CPU accounting).

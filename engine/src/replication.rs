@@ -633,7 +633,22 @@ pub async fn primary_write(
     drop(locks);
     drop(in_flight);
     drop(admitted);
-    for (target, outcome) in targets.iter().zip(remote) {
+    let pages = [first_page];
+    let outcomes = targets.iter().zip(remote).map(|(t, o)| (*t, &pages[..], o));
+    settle(repl, volume.id, epoch, outcomes).await?;
+    local
+}
+
+/// After forwarding: a mirror changing epoch sends the client to retry
+/// under the new map; a mirror that failed is reported out of sync for each
+/// of its partitions `pages`, and the request waits until that is recorded.
+async fn settle<'a>(
+    repl: &Replication,
+    volume: VolumeId,
+    epoch: Epoch,
+    outcomes: impl Iterator<Item = (&'a Replica, &'a [u64], Result<(), ForwardError>)>,
+) -> Result<(), Refusal> {
+    for (target, pages, outcome) in outcomes {
         match outcome {
             Ok(()) => {}
             Err(ForwardError::Behind(current)) => {
@@ -644,13 +659,15 @@ pub async fn primary_write(
                 });
             }
             Err(ForwardError::Failed(reason)) => {
-                debug!(volume = %volume.id, mirror = %target.server, %reason, "forward failed");
-                repl.mirror_failed(volume.id, epoch, first_page, &target.server)
-                    .await?;
+                debug!(volume = %volume, mirror = %target.server, %reason, "forward failed");
+                for first_page in pages {
+                    repl.mirror_failed(volume, epoch, *first_page, &target.server)
+                        .await?;
+                }
             }
         }
     }
-    local
+    Ok(())
 }
 
 /// The region locks a write or a copy takes, dropped from the table when
@@ -720,25 +737,11 @@ pub async fn primary_flush(
     let (local, remote) = futures_util::future::join(local, remote).await;
     drop(admitted);
     local.map_err(|e| io_refusal(volume, &e))?;
-    for ((target, pages), outcome) in targets.iter().zip(remote) {
-        match outcome {
-            Ok(()) => {}
-            Err(ForwardError::Behind(current)) => {
-                return Err(Refusal {
-                    status: Status::StaleEpoch,
-                    epoch: current,
-                    message: format!("mirror {} is changing epoch", target.server),
-                });
-            }
-            Err(ForwardError::Failed(_)) => {
-                for first_page in pages {
-                    repl.mirror_failed(volume.id, epoch, *first_page, &target.server)
-                        .await?;
-                }
-            }
-        }
-    }
-    Ok(())
+    let outcomes = targets
+        .iter()
+        .zip(remote)
+        .map(|((t, pages), o)| (t, pages.as_slice(), o));
+    settle(repl, volume.id, epoch, outcomes).await
 }
 
 /// Apply a write forwarded by the primary: set bits for every other replica

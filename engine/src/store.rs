@@ -501,16 +501,11 @@ impl<D: BlockDevice> Store<D> {
         peer: &str,
         regions: &[u64],
     ) -> Result<(), EngineError> {
-        let mut pools = Vec::new();
-        for run in tessera_net::proto::region_runs(regions) {
-            pools.extend(self.bitmasks.borrow_mut().clear(volume, peer, run.0..run.1));
-        }
-        pools.sort_unstable();
-        pools.dedup();
-        for pool in pools {
-            self.persist_bitmask(pool).await?;
-        }
-        Ok(())
+        let runs: Vec<Range<u64>> = tessera_net::proto::region_runs(regions)
+            .into_iter()
+            .map(|(first, end)| first..end)
+            .collect();
+        self.clear_dirty_runs(volume, peer, &runs).await
     }
 
     /// Clear runs of regions of `volume` for `peer`, durably; the cost does
