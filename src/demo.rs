@@ -11,8 +11,8 @@ use clap::Args;
 use tessera_driver::nbd::{Export, Listen, Listener};
 use tessera_driver::{Client, MgmtServer};
 use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal};
-use tessera_net::quic::certs::CA_CERT_FILE;
 use tessera_net::quic::TlsIdentity;
+use tessera_net::quic::certs::CA_CERT_FILE;
 use tessera_net::units::ByteSize;
 
 use crate::local::LocalCluster;

@@ -419,6 +419,14 @@ pub fn decode_slot_entries(payload: &[u8], count: usize) -> Vec<SlotEntry> {
         .collect()
 }
 
+/// The little-endian u64 at `at`, if `payload` is long enough.
+fn le_u64(payload: &[u8], at: usize) -> Option<u64> {
+    payload
+        .get(at..at.checked_add(8)?)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+}
+
 /// What the server records about a volume it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -454,13 +462,7 @@ impl VolumeRecord {
 
     /// `None` for an empty record (no volume); `Err` for an inconsistent one.
     pub fn decode(payload: &[u8]) -> Result<Option<Self>, &'static str> {
-        let u64_at = |at: usize| -> Result<u64, &'static str> {
-            payload
-                .get(at..at + 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .ok_or("truncated volume record")
-        };
+        let u64_at = |at: usize| le_u64(payload, at).ok_or("truncated volume record");
         let u32_at = |at: usize| -> Result<u32, &'static str> {
             payload
                 .get(at..at + 4)
@@ -534,13 +536,7 @@ impl BitmaskBlock {
 
     /// `None` for a free pool block; `Err` for an inconsistent one.
     pub fn decode(payload: &[u8]) -> Result<Option<Self>, &'static str> {
-        let u64_at = |at: usize| -> Result<u64, &'static str> {
-            payload
-                .get(at..at + 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .ok_or("truncated bitmask block")
-        };
+        let u64_at = |at: usize| le_u64(payload, at).ok_or("truncated bitmask block");
         if payload.is_empty() || u64_at(0)? == 0 {
             return Ok(None);
         }

@@ -516,43 +516,51 @@ impl Replication {
         }
     }
 
-    /// Bitmask counts and resync progress of the partitions this server leads.
-    pub fn reports(&self, service: &Service) -> Vec<MirrorReport> {
+    /// Every partition this server leads, with its volume and regions.
+    fn led(&self, service: &Service) -> Vec<(Rc<Volume>, Partition, Range<u64>)> {
         let mut out = Vec::new();
         for volume in service.store.volumes() {
             let Some(map) = volume.map() else { continue };
             for p in &map.partitions {
-                if p.replicas.first().map(|r| &r.server) != Some(&self.me) {
-                    continue;
+                if p.replicas.first().map(|r| &r.server) == Some(&self.me) {
+                    let range = self.partition_regions(&map, p);
+                    out.push((volume.clone(), p.clone(), range));
                 }
-                let range = self.partition_regions(&map, p);
-                for peer in p.replicas.iter().skip(1) {
-                    let dirty = service
-                        .store
-                        .dirty_count(volume.id, &peer.server, range.clone());
-                    let resync = self
-                        .resyncs
-                        .borrow()
-                        .get(&(volume.id, peer.server.clone(), p.first_page))
-                        .map(|r| {
-                            let secs = r.started.elapsed().as_secs_f64().max(0.001);
-                            ResyncProgress {
-                                total_regions: r.total.get(),
-                                copied_regions: r.copied.get(),
-                                bytes_per_sec: (r.copied.get() as f64 * self.region_size as f64
-                                    / secs) as u64,
-                            }
-                        });
-                    out.push(MirrorReport {
-                        reporter: self.me.clone(),
-                        volume: volume.id,
-                        first_page: p.first_page,
-                        peer: peer.server.clone(),
-                        dirty_regions: dirty,
-                        region_size: self.region_size(),
-                        resync,
+            }
+        }
+        out
+    }
+
+    /// Bitmask counts and resync progress of the partitions this server leads.
+    pub fn reports(&self, service: &Service) -> Vec<MirrorReport> {
+        let mut out = Vec::new();
+        for (volume, p, range) in self.led(service) {
+            for peer in p.replicas.iter().skip(1) {
+                let dirty = service
+                    .store
+                    .dirty_count(volume.id, &peer.server, range.clone());
+                let resync = self
+                    .resyncs
+                    .borrow()
+                    .get(&(volume.id, peer.server.clone(), p.first_page))
+                    .map(|r| {
+                        let secs = r.started.elapsed().as_secs_f64().max(0.001);
+                        ResyncProgress {
+                            total_regions: r.total.get(),
+                            copied_regions: r.copied.get(),
+                            bytes_per_sec: (r.copied.get() as f64 * self.region_size as f64 / secs)
+                                as u64,
+                        }
                     });
-                }
+                out.push(MirrorReport {
+                    reporter: self.me.clone(),
+                    volume: volume.id,
+                    first_page: p.first_page,
+                    peer: peer.server.clone(),
+                    dirty_regions: dirty,
+                    region_size: self.region_size(),
+                    resync,
+                });
             }
         }
         out
@@ -1007,38 +1015,31 @@ pub async fn replication_loop(service: Rc<Service>) {
 /// mirrors with regions to copy or bits to ask for.
 fn schedule(service: &Rc<Service>) {
     let repl = &service.replication;
-    for volume in service.store.volumes() {
-        let Some(map) = volume.map() else { continue };
-        for p in &map.partitions {
-            if p.replicas.first().map(|r| &r.server) != Some(&repl.me) {
-                continue;
-            }
-            let range = repl.partition_regions(&map, p);
-            for peer in p.replicas.iter().skip(1) {
-                let key = (volume.id, peer.server.clone(), p.first_page);
-                let pending = repl
-                    .must_copy
-                    .borrow()
-                    .get(&(volume.id, peer.server.clone()))
-                    .is_some_and(|s| s.range(range.clone()).next().is_some())
-                    || repl.probe.borrow().contains(&key);
-                let due = peer.state == MirrorState::Resyncing
-                    || (peer.state == MirrorState::InSync && pending);
-                if due && !repl.resyncs.borrow().contains_key(&key) {
-                    let resync = Rc::new(Resync {
-                        total: Cell::new(0),
-                        copied: Cell::new(0),
-                        started: Instant::now(),
-                    });
-                    repl.resyncs
-                        .borrow_mut()
-                        .insert(key.clone(), resync.clone());
-                    let service = service.clone();
-                    tokio_uring::spawn(async move {
-                        resync_partition(&service, &key, &resync).await;
-                        service.replication.resyncs.borrow_mut().remove(&key);
-                    });
-                }
+    for (volume, p, range) in repl.led(service) {
+        for peer in p.replicas.iter().skip(1) {
+            let key = (volume.id, peer.server.clone(), p.first_page);
+            let pending = repl
+                .must_copy
+                .borrow()
+                .get(&(volume.id, peer.server.clone()))
+                .is_some_and(|s| s.range(range.clone()).next().is_some())
+                || repl.probe.borrow().contains(&key);
+            let due = peer.state == MirrorState::Resyncing
+                || (peer.state == MirrorState::InSync && pending);
+            if due && !repl.resyncs.borrow().contains_key(&key) {
+                let resync = Rc::new(Resync {
+                    total: Cell::new(0),
+                    copied: Cell::new(0),
+                    started: Instant::now(),
+                });
+                repl.resyncs
+                    .borrow_mut()
+                    .insert(key.clone(), resync.clone());
+                let service = service.clone();
+                tokio_uring::spawn(async move {
+                    resync_partition(&service, &key, &resync).await;
+                    service.replication.resyncs.borrow_mut().remove(&key);
+                });
             }
         }
     }
@@ -1062,33 +1063,26 @@ async fn clean(service: &Service) {
     let store = &service.store;
     let _watch = repl.watch();
     let mut work = Vec::new();
-    for volume in store.volumes() {
-        let Some(map) = volume.map() else { continue };
-        for p in &map.partitions {
-            if p.replicas.first().map(|r| &r.server) != Some(&repl.me) {
+    for (volume, p, range) in repl.led(service) {
+        for peer in p.replicas.iter().skip(1) {
+            // Only in-sync mirrors: a resyncing one may still lack regions
+            // whose bits are set (its resync clears them as it copies).
+            if peer.state != MirrorState::InSync
+                || repl.written_off(volume.id, &peer.server, p.first_page)
+            {
                 continue;
             }
-            let range = repl.partition_regions(&map, p);
-            for peer in p.replicas.iter().skip(1) {
-                // Only in-sync mirrors: a resyncing one may still lack regions
-                // whose bits are set (its resync clears them as it copies).
-                if peer.state != MirrorState::InSync
-                    || repl.written_off(volume.id, &peer.server, p.first_page)
-                {
+            let mut snapshot = Vec::new();
+            for r in store.dirty_regions(volume.id, &peer.server) {
+                if !range.contains(&r) {
                     continue;
                 }
-                let mut snapshot = Vec::new();
-                for r in store.dirty_regions(volume.id, &peer.server) {
-                    if !range.contains(&r) {
-                        continue;
-                    }
-                    if let Some(stamp) = repl.quiet(volume.id, r) {
-                        snapshot.push((r, stamp));
-                    }
+                if let Some(stamp) = repl.quiet(volume.id, r) {
+                    snapshot.push((r, stamp));
                 }
-                if !snapshot.is_empty() {
-                    work.push((volume.clone(), p.clone(), peer.clone(), snapshot));
-                }
+            }
+            if !snapshot.is_empty() {
+                work.push((volume.clone(), p.clone(), peer.clone(), snapshot));
             }
         }
     }
