@@ -6,9 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use tessera_net::proto::{
-    AdminCommand, ClusterStatus, MgmtReply, MgmtRequest, MirrorState, Role, VolumeMap,
-};
+use tessera_net::proto::{AdminCommand, ClusterStatus, MgmtReply, MgmtRequest, Role, VolumeMap};
 use tessera_net::quic::{Alpn, Endpoint, TlsPaths, TransportTuning};
 use tessera_net::units::ByteSize;
 
@@ -200,15 +198,6 @@ fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
     }
 }
 
-fn state_name(state: MirrorState, up: bool) -> &'static str {
-    match (state, up) {
-        (_, false) => "down",
-        (MirrorState::InSync, true) => "in sync",
-        (MirrorState::OutOfSync, true) => "out of sync",
-        (MirrorState::Resyncing, true) => "resyncing",
-    }
-}
-
 fn print_volume_line(v: &VolumeMap) {
     let replicas = v.partitions.first().map_or(0, |p| p.replicas.len());
     println!(
@@ -248,7 +237,7 @@ fn print_layout(v: &VolumeMap) {
                     "{}{} ({})",
                     r.server,
                     if i == 0 { "*" } else { "" },
-                    state_name(r.state, true)
+                    crate::mirror_cmd::state_name(r.state)
                 )
             })
             .collect();

@@ -48,7 +48,8 @@ pub struct MirrorRow {
     pub eta_secs: Option<u64>,
 }
 
-fn state_name(state: MirrorState) -> &'static str {
+/// How a replica's state reads in tables and JSON.
+pub fn state_name(state: MirrorState) -> &'static str {
     match state {
         MirrorState::InSync => "in sync",
         MirrorState::OutOfSync => "out of sync",
