@@ -124,7 +124,7 @@ pub struct Replication {
     seen: RefCell<HashSet<VolumeId>>,
     /// Partitions this server leads, as of the last map applied.
     leading: RefCell<HashSet<(VolumeId, u64)>>,
-    resyncs: RefCell<HashMap<(VolumeId, String, u64), Rc<Resync>>>,
+    resyncs: RefCell<HashMap<MirrorKey, Rc<Resync>>>,
     resynced_bytes: Cell<u64>,
     next_id: Cell<u64>,
 }
@@ -241,7 +241,7 @@ impl Replication {
         }
     }
 
-    fn lock(&self, volume: VolumeId, region: u64) -> Rc<RwLock<()>> {
+    fn lock(&self, volume: VolumeId, region: u64) -> RegionLock {
         self.locks
             .borrow_mut()
             .entry((volume, region))
@@ -259,6 +259,14 @@ impl Replication {
                 locks.remove(&(volume, r));
             }
         }
+    }
+
+    /// Whether this server is the primary of `partition`.
+    fn leads(&self, partition: &Partition) -> bool {
+        partition
+            .replicas
+            .first()
+            .is_some_and(|r| r.server == self.me)
     }
 
     /// Whether forwarding to `server` failed and its loss is on record.
@@ -312,10 +320,7 @@ impl Replication {
         let first_map = self.seen.borrow_mut().insert(volume);
         let fresh = first_map && held.assigned_here();
         leading.retain(|(v, _)| *v != volume);
-        for p in &map.partitions {
-            if p.replicas.first().map(|r| &r.server) != Some(&self.me) {
-                continue;
-            }
+        for p in map.partitions.iter().filter(|p| self.leads(p)) {
             leading.insert((volume, p.first_page));
             if before.contains(&p.first_page) || fresh {
                 continue;
@@ -335,11 +340,7 @@ impl Replication {
                     .collect();
                 if !ours.is_empty() {
                     info!(volume = %volume, mirror = %peer.server, regions = ours.len(), "leading a partition: its bits name regions a write may have left unequal");
-                    self.must_copy
-                        .borrow_mut()
-                        .entry((volume, peer.server.clone()))
-                        .or_default()
-                        .extend(ours);
+                    self.owe(volume, &peer.server, ours);
                 }
             }
         }
@@ -477,43 +478,14 @@ impl Replication {
         let (addr, name) = self
             .settings
             .mgmt
-            .clone()
+            .as_ref()
             .ok_or("no management server configured")?;
-        let reply = tokio::time::timeout(Duration::from_secs(10), async {
-            let conn = self.mgmt.get(addr, &name).await?;
-            conn.mgmt(request).await
-        })
-        .await;
-        match reply {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => {
-                self.mgmt.forget(addr);
-                Err(e.to_string())
-            }
-            Err(_) => {
-                self.mgmt.forget(addr);
-                Err("the management server did not answer".into())
-            }
-        }
+        call(&self.mgmt, *addr, name, Duration::from_secs(10), request).await
     }
 
     async fn call_peer(&self, peer: &Replica, request: &MgmtRequest) -> Result<MgmtReply, String> {
-        let reply = tokio::time::timeout(self.settings.forward_timeout * 2, async {
-            let conn = self.peers.get(peer.addr, &peer.server).await?;
-            conn.mgmt(request).await
-        })
-        .await;
-        match reply {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => {
-                self.peers.forget(peer.addr);
-                Err(e.to_string())
-            }
-            Err(_) => {
-                self.peers.forget(peer.addr);
-                Err(format!("{} did not answer", peer.server))
-            }
-        }
+        let timeout = self.settings.forward_timeout * 2;
+        call(&self.peers, peer.addr, &peer.server, timeout, request).await
     }
 
     /// Every partition this server leads, with its volume and regions.
@@ -521,11 +493,9 @@ impl Replication {
         let mut out = Vec::new();
         for volume in service.store.volumes() {
             let Some(map) = volume.map() else { continue };
-            for p in &map.partitions {
-                if p.replicas.first().map(|r| &r.server) == Some(&self.me) {
-                    let range = self.partition_regions(&map, p);
-                    out.push((volume.clone(), p.clone(), range));
-                }
+            for p in map.partitions.iter().filter(|p| self.leads(p)) {
+                let range = self.partition_regions(&map, p);
+                out.push((volume.clone(), p.clone(), range));
             }
         }
         out
@@ -568,6 +538,33 @@ impl Replication {
 
     pub fn resynced_bytes(&self) -> u64 {
         self.resynced_bytes.get()
+    }
+}
+
+/// One management request over `connector`, within `timeout`; a connection
+/// that failed or went silent is dropped so that the next call dials afresh.
+async fn call(
+    connector: &Connector,
+    addr: SocketAddr,
+    name: &str,
+    timeout: Duration,
+    request: &MgmtRequest,
+) -> Result<MgmtReply, String> {
+    let reply = tokio::time::timeout(timeout, async {
+        let conn = connector.get(addr, name).await?;
+        conn.mgmt(request).await
+    })
+    .await;
+    match reply {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(e)) => {
+            connector.forget(addr);
+            Err(e.to_string())
+        }
+        Err(_) => {
+            connector.forget(addr);
+            Err(format!("{name} did not answer within {timeout:?}"))
+        }
     }
 }
 
@@ -718,10 +715,7 @@ pub async fn primary_flush(
     // is reported for each of them).
     let mut targets: Vec<(Replica, Vec<u64>)> = Vec::new();
     if let Some(map) = volume.map() {
-        for p in &map.partitions {
-            if p.replicas.first().map(|r| &r.server) != Some(&repl.me) {
-                continue;
-            }
+        for p in map.partitions.iter().filter(|p| repl.leads(p)) {
             for r in p.replicas.iter().skip(1) {
                 if r.state == MirrorState::OutOfSync
                     || repl.written_off(volume.id, &r.server, p.first_page)
@@ -1163,7 +1157,7 @@ fn still_leading(
         .iter()
         .find(|p| p.first_page == first_page)?
         .clone();
-    if p.replicas.first().map(|r| &r.server) != Some(&service.replication.me) {
+    if !service.replication.leads(&p) {
         return None;
     }
     let r = p
