@@ -615,7 +615,11 @@ pub async fn primary_write(
     let (targets, skipped): (Vec<&Replica>, Vec<&Replica>) = peers.iter().copied().partition(|r| {
         r.state != MirrorState::OutOfSync && !repl.written_off(volume.id, &r.server, first_page)
     });
-    let bytes = payload.as_ref().map(|p| p.to_vec()).unwrap_or_default();
+    // The local write owns the aligned buffer; the forwards need their own copy.
+    let bytes = match &payload {
+        Some(p) if !targets.is_empty() => p.to_vec(),
+        _ => Vec::new(),
+    };
     let local = apply_local(service, volume, request, payload);
     let remote = join_all(
         targets
