@@ -130,7 +130,8 @@ async fn fio_random_writes_verify_crc32c() {
     }
     let c = nbd_cluster().await;
     let json = c.cluster.path("fio.json");
-    run(Command::new("fio").args([
+    // fio saves a verify-state file in its working directory: the test's, not the repository.
+    run(Command::new("fio").current_dir(c.cluster.dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", c.uri),
