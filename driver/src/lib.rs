@@ -214,21 +214,7 @@ impl Volume {
             pieces
                 .into_iter()
                 .zip(targets)
-                .map(|(piece, target)| async move {
-                    let data = self.inner.run(piece, &[]).await?;
-                    if data.len() != target.len() {
-                        return Err(DriverError::Io {
-                            status: Status::Ok,
-                            message: format!(
-                                "read returned {} bytes, expected {}",
-                                data.len(),
-                                target.len()
-                            ),
-                        });
-                    }
-                    target.copy_from_slice(&data);
-                    Ok(())
-                }),
+                .map(|(piece, target)| self.inner.run(piece, &[], target)),
         )
         .await?;
         Ok(())
@@ -251,7 +237,7 @@ impl Volume {
         for piece in pieces {
             let payload = &data[at..at + piece.len as usize];
             at += piece.len as usize;
-            jobs.push(self.inner.run(piece, payload));
+            jobs.push(self.inner.run(piece, payload, &mut []));
         }
         try_join_all(jobs).await?;
         Ok(())
@@ -269,7 +255,7 @@ impl Volume {
 
     async fn ranged(&self, opcode: Opcode, offset: u64, len: u64) -> Result<(), DriverError> {
         let pieces = self.split(opcode, offset, len, false)?;
-        futures_util::stream::iter(pieces.into_iter().map(|p| self.inner.run(p, &[])))
+        futures_util::stream::iter(pieces.into_iter().map(|p| self.inner.run(p, &[], &mut [])))
             .buffer_unordered(MAX_PIECES_IN_FLIGHT)
             .try_collect::<Vec<_>>()
             .await?;
@@ -311,7 +297,7 @@ impl Volume {
                 len: 0,
                 fua: false,
             };
-            self.inner.run(piece, &[])
+            self.inner.run(piece, &[], &mut [])
         }))
         .await?;
         Ok(())
@@ -359,8 +345,10 @@ impl Volume {
 }
 
 impl VolumeInner {
-    /// Send one piece to the primary of its page, following map changes.
-    async fn run(&self, piece: Piece, payload: &[u8]) -> Result<Vec<u8>, DriverError> {
+    /// Send one piece to the primary of its page, following map changes. A
+    /// read's data lands in `out` (as long as the piece); other requests pass
+    /// an empty `out`.
+    async fn run(&self, piece: Piece, payload: &[u8], out: &mut [u8]) -> Result<(), DriverError> {
         let mut backoff = FIRST_BACKOFF;
         let mut last = String::new();
         let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
@@ -405,7 +393,7 @@ impl VolumeInner {
             }
             let send = tokio::time::timeout(REQUEST_TIMEOUT, async {
                 let conn = self.client.data.get(primary.addr, &primary.server).await?;
-                conn.data(&request, payload).await
+                conn.data_into(&request, payload, &mut *out).await
             });
             // A dead server does not answer at all: while waiting, look for
             // a map that has moved on (a failover) and retry there.
@@ -447,7 +435,18 @@ impl VolumeInner {
                 }
             };
             match reply.status {
-                Status::Ok => return Ok(data),
+                Status::Ok if reply.payload_len() == out.len() => return Ok(()),
+                Status::Ok => {
+                    return Err(DriverError::Io {
+                        status: Status::Ok,
+                        message: format!(
+                            "{:?} returned {} bytes, expected {}",
+                            piece.opcode,
+                            data.len(),
+                            out.len()
+                        ),
+                    });
+                }
                 Status::StaleEpoch | Status::NotOwner | Status::Unavailable => {
                     debug!(volume = %self.name, status = ?reply.status, ours = %map.epoch, theirs = %reply.epoch, "refreshing map");
                     last = format!(

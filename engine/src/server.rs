@@ -6,6 +6,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::rc::Rc;
 
+use bytes::Bytes;
+
 use tessera_net::proto::{
     self, BLOCK_SIZE, Epoch, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, Opcode,
     REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
@@ -471,7 +473,7 @@ async fn serve_data_stream(
     let result = match outcome {
         Ok((epoch, pieces)) => tokio::time::timeout(
             STREAM_TIMEOUT,
-            send_pieces(&mut send, &request, epoch, &pieces),
+            send_pieces(&mut send, &request, epoch, pieces),
         )
         .await
         .unwrap_or_else(|_| {
@@ -510,7 +512,7 @@ async fn execute(
         }
     })?;
     let payload = if request.opcode == Opcode::Write {
-        let mut buf = AlignedBuf::zeroed(request.payload_len());
+        let mut buf = AlignedBuf::for_overwrite(request.payload_len());
         let received = tokio::time::timeout(STREAM_TIMEOUT, recv.read_exact(&mut buf)).await;
         let refusal = |message: String| Refusal {
             status: Status::BadRequest,
@@ -583,11 +585,13 @@ fn piece_bytes(piece: &ReadPiece) -> impl Iterator<Item = &[u8]> {
     )
 }
 
+/// Send the reply header and the read data in one call. The data goes to
+/// QUIC without a copy: each buffer becomes a `Bytes` that owns it.
 async fn send_pieces(
     send: &mut SendStream,
     request: &Request,
     epoch: Epoch,
-    pieces: &[ReadPiece],
+    pieces: Vec<ReadPiece>,
 ) -> Result<(), tessera_net::quic::QuicError> {
     let mut checksum = 0u32;
     let mut length = 0usize;
@@ -602,10 +606,20 @@ async fn send_pieces(
         length: u32::try_from(length).unwrap_or(u32::MAX),
         checksum,
     };
-    send.write_all(&reply.encode()).await?;
-    for bytes in pieces.iter().flat_map(piece_bytes) {
-        send.write_all(bytes).await?;
+    let mut chunks = vec![Bytes::copy_from_slice(&reply.encode())];
+    for piece in pieces {
+        match piece {
+            ReadPiece::Data(buf) => chunks.push(Bytes::from_owner(buf)),
+            ReadPiece::Zeroes(mut n) => {
+                while n > 0 {
+                    let take = n.min(ZEROES.len());
+                    chunks.push(Bytes::from_static(&ZEROES[..take]));
+                    n -= take;
+                }
+            }
+        }
     }
+    send.write_all_chunks(&mut chunks).await?;
     send.finish()?;
     Ok(())
 }

@@ -960,7 +960,10 @@ impl<D: BlockDevice> Store<D> {
                 continue;
             };
             let pos = self.superblock.geometry.slot_offset(slot) + within.start;
-            let (res, buf) = self.dev.read_at(AlignedBuf::zeroed(n), 0..n, pos).await;
+            let (res, buf) = self
+                .dev
+                .read_at(AlignedBuf::for_overwrite(n), 0..n, pos)
+                .await;
             res.map_err(|e| self.io_refusal(volume, &io_err("read", &self.path)(e)))?;
             out.push(ReadPiece::Data(buf));
         }

@@ -363,6 +363,34 @@ async fn many_requests_in_flight_on_one_reused_connection() {
     }
 }
 
+#[tokio::test]
+async fn a_reply_lands_in_the_callers_buffer_only_when_it_fits_exactly() {
+    let ca = ClusterCa::generate("test", DAYS).unwrap();
+    let server = start_server(&ca, None);
+    let app = identity(&ca, Role::Client, "app-1");
+    let conn = client(&app)
+        .connect(server.addr, "mgmt-1", Alpn::Data, Role::Mgmt)
+        .await
+        .unwrap();
+    // The test server echoes a write's payload back as the reply payload.
+    let payload = vec![0x5a; 8192];
+    let request = Request::write(VolumeId(1), Epoch(3), 0, &payload, 7).unwrap();
+    let mut out = vec![0u8; 8192];
+    let (reply, rest) = conn.data_into(&request, &payload, &mut out).await.unwrap();
+    assert_eq!(reply.status, Status::Ok);
+    assert!(rest.is_empty(), "payload went to the caller's buffer");
+    assert_eq!(out, payload);
+    // A reply of another length is handed back whole and `out` is left alone.
+    let mut short = vec![0u8; 4096];
+    let (reply, rest) = conn
+        .data_into(&request, &payload, &mut short)
+        .await
+        .unwrap();
+    assert_eq!(reply.length, 8192);
+    assert_eq!(rest, payload);
+    assert!(short.iter().all(|b| *b == 0));
+}
+
 #[test]
 fn certificates_are_saved_with_private_keys_0600_and_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();

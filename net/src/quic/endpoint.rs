@@ -17,7 +17,7 @@ use super::transport::{client_config, server_config};
 use super::{Alpn, PeerIdentity, QuicError, TlsIdentity, TransportTuning};
 use crate::proto::{
     self, MgmtReply, MgmtRequest, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Refusal, Reply, Request,
-    Role,
+    Role, Status,
 };
 
 /// A QUIC endpoint with the cluster's TLS identity: it accepts connections
@@ -270,19 +270,32 @@ impl PeerConnection {
         request: &Request,
         payload: &[u8],
     ) -> Result<(Reply, Vec<u8>), QuicError> {
+        self.data_into(request, payload, &mut []).await
+    }
+
+    /// As [`data`](Self::data), but a successful reply whose payload is
+    /// exactly `out.len()` bytes is read straight into `out` (and the
+    /// returned vector is empty): a read lands in the caller's buffer
+    /// without an allocation or a second copy.
+    pub async fn data_into(
+        &self,
+        request: &Request,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<(Reply, Vec<u8>), QuicError> {
         let (mut send, mut recv) = self.open_stream().await?;
-        let sent = match send.write_all(&request.encode()).await {
-            Ok(()) => send.write_all(payload).await,
-            Err(e) => Err(e),
-        };
-        match sent {
+        // Header and payload in one write: one pass through the connection's lock.
+        let mut message = Vec::with_capacity(REQUEST_HEADER_LEN + payload.len());
+        message.extend_from_slice(&request.encode());
+        message.extend_from_slice(payload);
+        match send.write_chunk(message.into()).await {
             Ok(()) => send.finish()?,
             // A server refusing a request (stale epoch, bad header) answers at
             // once and stops reading; its reply is still waiting.
             Err(quinn::WriteError::Stopped(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let (reply, data) = read_reply(&mut recv).await?;
+        let (reply, data) = read_reply_into(&mut recv, out).await?;
         if reply.request_id != request.request_id {
             return Err(QuicError::RequestIdMismatch {
                 sent: request.request_id,
@@ -321,9 +334,23 @@ pub async fn read_request(recv: &mut RecvStream) -> Result<Request, QuicError> {
 
 /// Read a reply header and its payload, verifying the checksum.
 pub async fn read_reply(recv: &mut RecvStream) -> Result<(Reply, Vec<u8>), QuicError> {
+    read_reply_into(recv, &mut []).await
+}
+
+/// Read a reply; a successful one with exactly `out.len()` payload bytes
+/// fills `out`, any other payload comes back as a vector.
+async fn read_reply_into(
+    recv: &mut RecvStream,
+    out: &mut [u8],
+) -> Result<(Reply, Vec<u8>), QuicError> {
     let mut header = [0u8; REPLY_HEADER_LEN];
     recv.read_exact(&mut header).await?;
     let (reply, _) = proto::parse_reply(&header)?;
+    if reply.status == Status::Ok && !out.is_empty() && reply.payload_len() == out.len() {
+        recv.read_exact(out).await?;
+        reply.verify_payload(out)?;
+        return Ok((reply, Vec::new()));
+    }
     // Bounded by parse_reply: MAX_IO_LEN for data, MAX_ERROR_MESSAGE otherwise.
     let mut payload = vec![0u8; reply.payload_len()];
     recv.read_exact(&mut payload).await?;
