@@ -19,11 +19,12 @@ for round in $(seq 1 "$ROUNDS"); do
   for bin in "$@"; do
     echo "round $round: $bin" >&2
     # shellcheck disable=SC2086
-    "$bin" bench --dir "$DIR/cluster" --span 256M --runtime "$SECS" \
+    "$bin" bench --dir "$DIR/cluster" --disk-size 1G --span 256M --runtime "$SECS" \
         --workloads "$WORKLOADS" --json ${BENCH_ARGS:-} 2>/dev/null |
       python3 -c 'import json,sys; [print(json.dumps({"bin": sys.argv[1], **r})) for r in json.load(sys.stdin)["results"]]' "$bin" >> "$OUT"
   done
 done
+rm -rf "$DIR/cluster"
 python3 - "$OUT" "$@" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -162,6 +162,7 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
                 forward_timeout: Duration::from_millis(config.forward_timeout_ms),
                 resync_rate: config.resync_rate.0,
                 clean_interval: Duration::from_millis(config.clean_interval_ms),
+                clean_after: Duration::from_millis(config.clean_after_ms),
                 mgmt: config.mgmt.map(|addr| (addr, config.mgmt_name.clone())),
             },
         );

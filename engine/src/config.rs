@@ -47,6 +47,13 @@ pub struct StorageConfig {
     pub resync_rate: ByteSize,
     /// How often (ms) a primary clears the bits of regions every mirror holds.
     pub clean_interval_ms: u64,
+    /// A region's bits clear only once no write has touched it for about
+    /// this long (ms). Clearing a bit that the next write sets again costs a
+    /// metadata write on that write's path; keeping recently written
+    /// regions set makes a lost mirror's resync copy them too, which is the
+    /// cheaper side of the trade (Linux md's write-intent bitmap makes the
+    /// same one).
+    pub clean_after_ms: u64,
     pub tls: TlsPaths,
     pub transport: TransportTuning,
 }
@@ -68,6 +75,7 @@ impl Default for StorageConfig {
             forward_timeout_ms: 1_500,
             resync_rate: ByteSize(128 << 20),
             clean_interval_ms: 1_000,
+            clean_after_ms: 5_000,
             tls: TlsPaths::default(),
             transport: TransportTuning::default(),
         }

@@ -46,15 +46,19 @@ pub struct ReplicationSettings {
     pub forward_timeout: Duration,
     pub resync_rate: u64,
     pub clean_interval: Duration,
+    /// Bits of a region clear only after it has been free of writes this long.
+    pub clean_after: Duration,
     /// The management server, to report mirror failures and resyncs to.
     pub mgmt: Option<(SocketAddr, String)>,
 }
 
-/// What a region has in flight: writers now, and a stamp of the last write.
+/// What a region has in flight: writers now, a stamp of the last write, and
+/// the cleaning pass during which that write began.
 #[derive(Debug, Default, Clone, Copy)]
 struct RegionUse {
     writers: u32,
     generation: u64,
+    pass: u64,
 }
 
 /// A mirror this server failed to forward to, and the outcome of reporting it.
@@ -113,6 +117,8 @@ pub struct Replication {
     /// Cleaning passes and resync batches between their snapshot and their
     /// clear: while any runs, finished writes keep their stamps.
     watchers: Cell<u32>,
+    /// Cleaning passes so far; a region written `hold_passes` passes ago is cold.
+    passes: Cell<u64>,
     locks: RefCell<HashMap<(VolumeId, u64), RegionLock>>,
     failures: RefCell<HashMap<MirrorKey, Rc<Failure>>>,
     /// Partitions newly led whose in-sync mirrors must be asked for their
@@ -138,13 +144,13 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let watched = self.replication.watchers.get() > 0;
-        let mut map = self.replication.regions.borrow_mut();
+        let repl = self.replication;
+        let mut map = repl.regions.borrow_mut();
         for r in self.regions.clone() {
             let key = (self.volume, r);
             if let Some(u) = map.get_mut(&key) {
                 u.writers = u.writers.saturating_sub(1);
-                if u.writers == 0 && !watched {
+                if repl.forgettable(u) {
                     map.remove(&key);
                 }
             }
@@ -157,11 +163,11 @@ struct Watch<'a>(&'a Replication);
 
 impl Drop for Watch<'_> {
     fn drop(&mut self) {
-        let left = self.0.watchers.get().saturating_sub(1);
-        self.0.watchers.set(left);
-        if left == 0 {
-            self.0.regions.borrow_mut().retain(|_, u| u.writers > 0);
-        }
+        let repl = self.0;
+        repl.watchers.set(repl.watchers.get().saturating_sub(1));
+        repl.regions
+            .borrow_mut()
+            .retain(|_, u| !repl.forgettable(u));
     }
 }
 
@@ -182,6 +188,7 @@ impl Replication {
             regions: RefCell::default(),
             next_generation: Cell::new(1),
             watchers: Cell::new(0),
+            passes: Cell::new(0),
             locks: RefCell::default(),
             failures: RefCell::default(),
             probe: RefCell::default(),
@@ -218,12 +225,46 @@ impl Replication {
             let u = map.entry((volume, r)).or_default();
             u.writers += 1;
             u.generation = generation;
+            u.pass = self.passes.get();
         }
         InFlight {
             replication: self,
             volume,
             regions,
         }
+    }
+
+    /// Cleaning passes a region must go without writes before its bits clear.
+    fn hold_passes(&self) -> u64 {
+        let interval = self.settings.clean_interval.as_millis().max(1);
+        u64::try_from(self.settings.clean_after.as_millis().div_ceil(interval)).unwrap_or(u64::MAX)
+    }
+
+    /// Whether no write has begun on `u`'s region for `hold_passes` passes.
+    fn cold(&self, u: &RegionUse) -> bool {
+        u.writers == 0 && self.passes.get().saturating_sub(u.pass) >= self.hold_passes()
+    }
+
+    /// Whether no write has begun on `region` for `hold_passes` passes.
+    fn region_cold(&self, volume: VolumeId, region: u64) -> bool {
+        self.regions
+            .borrow()
+            .get(&(volume, region))
+            .is_none_or(|u| self.cold(u))
+    }
+
+    /// Whether `u`'s entry can go: it is cold, and no snapshot needs its stamp.
+    fn forgettable(&self, u: &RegionUse) -> bool {
+        self.watchers.get() == 0 && self.cold(u)
+    }
+
+    /// Start a cleaning pass: regions age by one pass, and entries no
+    /// longer needed go.
+    fn next_pass(&self) {
+        self.passes.set(self.passes.get() + 1);
+        self.regions
+            .borrow_mut()
+            .retain(|_, u| !self.forgettable(u));
     }
 
     fn watch(&self) -> Watch<'_> {
@@ -1059,6 +1100,7 @@ fn clearable(repl: &Replication, volume: VolumeId, peer: &str, region: u64, stam
 async fn clean(service: &Service) {
     let repl = &service.replication;
     let store = &service.store;
+    repl.next_pass();
     let _watch = repl.watch();
     let mut work = Vec::new();
     for (volume, p, range) in repl.led(service) {
@@ -1073,6 +1115,11 @@ async fn clean(service: &Service) {
             let mut snapshot = Vec::new();
             for r in store.dirty_regions(volume.id, &peer.server) {
                 if !range.contains(&r) {
+                    continue;
+                }
+                // Recently written regions keep their bits: the next write
+                // would only set them again, at the cost of a metadata write.
+                if !repl.region_cold(volume.id, r) {
                     continue;
                 }
                 if let Some(stamp) = repl.quiet(volume.id, r) {
@@ -1433,6 +1480,69 @@ async fn report_resync_done(service: &Service, volume_id: VolumeId, first_page: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn replication(clean_interval: Duration, clean_after: Duration) -> Replication {
+        let ca = tessera_net::quic::certs::ClusterCa::generate("test", 1).unwrap();
+        let issued = ca.issue(Role::Storage, "s1", 1).unwrap();
+        let identity = tessera_net::quic::TlsIdentity::from_pem(
+            ca.cert_pem(),
+            &issued.cert_pem,
+            &issued.key_pem,
+            std::path::Path::new("s1"),
+        )
+        .unwrap();
+        let tuning = tessera_net::quic::TransportTuning::default();
+        let endpoint =
+            Endpoint::bind("127.0.0.1:0".parse().unwrap(), &identity, &tuning, &[]).unwrap();
+        let settings = ReplicationSettings {
+            forward_timeout: Duration::from_secs(1),
+            resync_rate: 1 << 20,
+            clean_interval,
+            clean_after,
+            mgmt: None,
+        };
+        Replication::new("s1".into(), 64 << 10, &endpoint, settings)
+    }
+
+    #[test]
+    fn a_region_is_cleaned_only_after_passes_without_writes() {
+        tokio_uring::start(async {
+            let v = VolumeId(1);
+            let repl = replication(Duration::from_secs(1), Duration::from_millis(2500));
+            assert_eq!(repl.hold_passes(), 3);
+            assert!(repl.region_cold(v, 7), "never written");
+            let write = repl.begin(v, 7..8);
+            repl.next_pass();
+            assert!(!repl.region_cold(v, 7), "a write in flight");
+            drop(write);
+            for _ in 0..2 {
+                assert!(!repl.region_cold(v, 7), "written within the hold");
+                repl.next_pass();
+            }
+            assert!(repl.region_cold(v, 7), "quiet for three passes");
+            assert!(
+                repl.regions.borrow().is_empty(),
+                "the cold entry is forgotten"
+            );
+            // A snapshot in progress keeps the stamp of a finished write.
+            let watch = repl.watch();
+            drop(repl.begin(v, 8..9));
+            let stamp = repl.quiet(v, 8);
+            assert!(stamp.is_some_and(|s| s > 0));
+            for _ in 0..3 {
+                repl.next_pass();
+            }
+            assert!(repl.region_cold(v, 8));
+            assert_eq!(repl.quiet(v, 8), stamp, "kept while watched");
+            drop(watch);
+            assert!(repl.regions.borrow().is_empty());
+            // With no hold, a region is cold as soon as its write ends.
+            let eager = replication(Duration::from_secs(1), Duration::ZERO);
+            drop(eager.begin(v, 1..2));
+            assert!(eager.region_cold(v, 1));
+            assert!(eager.regions.borrow().is_empty());
+        });
+    }
 
     #[test]
     fn runs_convert_between_region_sizes_conservatively() {
