@@ -46,7 +46,7 @@ impl Endpoint {
         };
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
-            .max_udp_payload_size(tuning.max_mtu.max(1200))
+            .max_udp_payload_size(tuning.max_mtu.clamp(1200, super::transport::MAX_MTU))
             .map_err(|e| QuicError::Socket {
                 action: "endpoint setup",
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
