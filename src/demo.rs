@@ -43,6 +43,11 @@ pub struct DemoCommand {
     /// Verify, shut down cleanly and exit 0 or 1 (for CI) instead of serving.
     #[arg(long)]
     check: bool,
+    /// Threads serving NBD clients and talking to the cluster. One avoids
+    /// handing each request between threads; more help when many clients
+    /// share this frontend on a machine with cores to spare.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
 pub fn run(command: DemoCommand) -> anyhow::Result<()> {
@@ -72,7 +77,7 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
         );
     }
 
-    let runtime = crate::runtime::multi_thread()?;
+    let runtime = crate::runtime::threads(command.threads)?;
     let result = runtime.block_on(demo(&command, dir, &cluster));
     drop(cluster);
     match &result {
@@ -185,7 +190,9 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
 
     if command.check {
         // Where nbdinfo is installed, check the export as a client sees it.
-        if let Ok(out) = Command::new("nbdinfo").args(["--size", &uri]).output() {
+        let mut nbdinfo = Command::new("nbdinfo");
+        nbdinfo.args(["--size", &uri]);
+        if let Ok(out) = output(nbdinfo).await {
             let size = String::from_utf8_lossy(&out.stdout);
             if !out.status.success() || size.trim() != map.size.to_string() {
                 bail!(
@@ -196,11 +203,12 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
             println!("nbdinfo sees {} bytes", size.trim());
         }
         // Every replica holds the same bytes.
-        let verify = Command::new(std::env::current_exe()?)
+        let mut verify = Command::new(std::env::current_exe()?);
+        verify
             .args(["volume", "verify", VOLUME, "--mgmt", &mgmt.to_string()])
             .arg("--cluster-dir")
-            .arg(dir)
-            .output()?;
+            .arg(dir);
+        let verify = output(verify).await?;
         print!("{}", String::from_utf8_lossy(&verify.stdout));
         if !verify.status.success() {
             bail!(
@@ -219,4 +227,14 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
     }
     endpoint.close();
     Ok(())
+}
+
+/// Run a command to completion off the runtime's thread, which meanwhile
+/// keeps serving (nbdinfo talks to this very process's NBD server).
+async fn output(mut command: Command) -> anyhow::Result<std::process::Output> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    tokio::task::spawn_blocking(move || command.output())
+        .await
+        .context("command runner failed")?
+        .with_context(|| format!("cannot run {program}"))
 }

@@ -28,6 +28,11 @@ pub struct NbdCommand {
     /// The management server's certificate name.
     #[arg(long, env = "TESSERA_MGMT_NAME", default_value = "mgmt")]
     mgmt_name: String,
+    /// Threads serving NBD clients and talking to the cluster. One avoids
+    /// handing each request between threads; more help when many clients
+    /// share this frontend on a machine with cores to spare.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -43,7 +48,7 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
             identity.me().role
         );
     }
-    let runtime = crate::runtime::multi_thread()?;
+    let runtime = crate::runtime::threads(command.threads)?;
     runtime.block_on(async {
         let mgmt = [MgmtServer {
             addr: command.mgmt,

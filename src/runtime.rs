@@ -10,11 +10,22 @@ pub fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the runtime")
 }
 
-/// Two worker threads (the machine size Tessera is measured on): the NBD
-/// frontend and the demo, which drive many requests at once.
+/// Two worker threads (the machine size Tessera is measured on): the bench
+/// client, which drives many requests at once.
 pub fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    threads(2)
+}
+
+/// An NBD frontend's runtime. One thread is the default: on the 2-core
+/// reference machine, where the storage server and the NBD client share
+/// the cores, it served a QD32 NBD workload about a quarter faster than two
+/// workers handing each request between them (docs/performance.md).
+pub fn threads(count: u16) -> anyhow::Result<tokio::runtime::Runtime> {
+    if count <= 1 {
+        return current_thread();
+    }
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(count))
         .enable_all()
         .build()
         .context("cannot start the runtime")
