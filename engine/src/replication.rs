@@ -1482,18 +1482,18 @@ mod tests {
     use super::*;
 
     fn replication(clean_interval: Duration, clean_after: Duration) -> Replication {
-        let ca = tessera_net::quic::certs::ClusterCa::generate("test", 1).unwrap();
-        let issued = ca.issue(Role::Storage, "s1", 1).unwrap();
+        let ca = tessera_net::quic::certs::ClusterCa::generate("test", 1).expect("test CA");
+        let issued = ca.issue(Role::Storage, "s1", 1).expect("certificate");
         let identity = tessera_net::quic::TlsIdentity::from_pem(
             ca.cert_pem(),
             &issued.cert_pem,
             &issued.key_pem,
             std::path::Path::new("s1"),
         )
-        .unwrap();
+        .expect("identity");
         let tuning = tessera_net::quic::TransportTuning::default();
-        let endpoint =
-            Endpoint::bind("127.0.0.1:0".parse().unwrap(), &identity, &tuning, &[]).unwrap();
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let endpoint = Endpoint::bind(loopback, &identity, &tuning, &[]).expect("endpoint");
         let settings = ReplicationSettings {
             forward_timeout: Duration::from_secs(1),
             resync_rate: 1 << 20,
