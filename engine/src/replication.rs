@@ -1492,7 +1492,7 @@ mod tests {
         )
         .expect("identity");
         let tuning = tessera_net::quic::TransportTuning::default();
-        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let endpoint = Endpoint::bind(loopback, &identity, &tuning, &[]).expect("endpoint");
         let settings = ReplicationSettings {
             forward_timeout: Duration::from_secs(1),
