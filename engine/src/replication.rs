@@ -165,9 +165,12 @@ impl Drop for Watch<'_> {
     fn drop(&mut self) {
         let repl = self.0;
         repl.watchers.set(repl.watchers.get().saturating_sub(1));
-        repl.regions
-            .borrow_mut()
-            .retain(|_, u| !repl.forgettable(u));
+        // Entries wait for the last watcher; sweeping before then finds nothing.
+        if repl.watchers.get() == 0 {
+            repl.regions
+                .borrow_mut()
+                .retain(|_, u| !repl.forgettable(u));
+        }
     }
 }
 
