@@ -23,8 +23,8 @@ SECS=${2:-10}
 SPAN=${3:-1G}
 mkdir -p "$DIR"
 RESULTS="$DIR/results.jsonl"
-DEMO= QEMU= NBDKIT=
-trap 'kill $DEMO $QEMU $NBDKIT 2>/dev/null || true' EXIT
+DEMO= PEER=
+trap 'kill $DEMO $PEER 2>/dev/null || true' EXIT
 : > "$RESULTS"
 
 missing=()
@@ -132,27 +132,26 @@ kill "$DEMO"; wait "$DEMO" || true
 DEMO=
 rm -rf "$DIR/nbd"
 
-echo "== qemu-nbd --cache=none --aio=io_uring"
-rm -f "$DIR/qemu.img"; fallocate -l "$SPAN" "$DIR/qemu.img"
-fill --filename="$DIR/qemu.img" --ioengine=io_uring --direct=1
-qemu-nbd --cache=none --aio=io_uring -f raw -p 10932 -b 127.0.0.1 -e 64 --persistent "$DIR/qemu.img" &
-QEMU=$!
-wait_port 10932
-fio_all qemu-nbd --ioengine=nbd --uri=nbd://127.0.0.1:10932 --size="$SPAN"
-kill "$QEMU"; wait "$QEMU" || true
-QEMU=
-rm -f "$DIR/qemu.img"
+# A peer NBD server on a filled file of its own: SETUP PORT IMAGE COMMAND...
+# (COMMAND serves IMAGE on 127.0.0.1:PORT in the foreground).
+peer() {
+  local setup=$1 port=$2 image=$3; shift 3
+  echo "== $setup: $*"
+  rm -f "$image"; fallocate -l "$SPAN" "$image"
+  fill --filename="$image" --ioengine=io_uring --direct=1
+  "$@" &
+  PEER=$!
+  wait_port "$port"
+  fio_all "$setup" --ioengine=nbd --uri="nbd://127.0.0.1:$port" --size="$SPAN"
+  kill "$PEER"; wait "$PEER" || true
+  PEER=
+  rm -f "$image"
+}
 
-echo "== nbdkit file (cache=none)"
-rm -f "$DIR/nbdkit.img"; fallocate -l "$SPAN" "$DIR/nbdkit.img"
-fill --filename="$DIR/nbdkit.img" --ioengine=io_uring --direct=1
-nbdkit --foreground -p 10933 -i 127.0.0.1 file "$DIR/nbdkit.img" cache=none &
-NBDKIT=$!
-wait_port 10933
-fio_all nbdkit --ioengine=nbd --uri=nbd://127.0.0.1:10933 --size="$SPAN"
-kill "$NBDKIT"; wait "$NBDKIT" || true
-NBDKIT=
-rm -f "$DIR/nbdkit.img"
+peer qemu-nbd 10932 "$DIR/qemu.img" \
+  qemu-nbd --cache=none --aio=io_uring -f raw -p 10932 -b 127.0.0.1 -e 64 --persistent "$DIR/qemu.img"
+peer nbdkit 10933 "$DIR/nbdkit.img" \
+  nbdkit --foreground -p 10933 -i 127.0.0.1 file "$DIR/nbdkit.img" cache=none
 
 python3 - "$RESULTS" <<'PY'
 import json, sys
