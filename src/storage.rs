@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use std::time::Duration;
 use tessera_engine::config::StorageConfig;
 use tessera_engine::io::IoEngine;
+use tessera_engine::metrics;
 use tessera_engine::replication::{Replication, ReplicationSettings, replication_loop};
 use tessera_engine::report::{ReportTarget, report_loop};
 use tessera_engine::server::{self, FormatPolicy, Service};
@@ -70,6 +71,9 @@ struct StorageArgs {
     /// Data address to announce to the management server [default: the bound address].
     #[arg(long, value_name = "ADDR")]
     advertise: Option<SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -100,6 +104,9 @@ impl StorageArgs {
         }
         if let Some(advertise) = self.advertise {
             config.advertise = Some(advertise);
+        }
+        if let Some(metrics) = self.metrics {
+            config.metrics_listen = Some(metrics);
         }
         self.tls.apply(&mut config.tls)?;
         Ok(config)
@@ -169,7 +176,22 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
         let service = Rc::new(Service::new(store, replication));
         let addr = endpoint.local_addr()?;
         info!(name = %identity.me().name, %addr, data = %config.data.display(), "serving");
+        let metrics_listener = match config.metrics_listen {
+            Some(listen) => Some(
+                tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {listen}"))?,
+            ),
+            None => None,
+        };
         server::announce(&identity.me().name, addr);
+        if let Some(listener) = metrics_listener {
+            let bound = listener.local_addr()?;
+            info!(addr = %bound, "metrics at http://{bound}/metrics");
+            // After the "serving on" line, which scripts wait for first.
+            println!("tessera storage {} metrics on {bound}", identity.me().name);
+            tokio_uring::spawn(metrics::serve_metrics(service.clone(), listener));
+        }
         tokio_uring::spawn(server::serve(service.clone(), endpoint.clone()));
         tokio_uring::spawn(replication_loop(service.clone()));
         if let Some(mgmt) = config.mgmt {

@@ -521,3 +521,93 @@ async fn std_io_engine_serves_too() {
     assert_eq!(write(&conn, 1, 1, 4096, &payload).await.status, Status::Ok);
     assert_eq!(read(&conn, 1, 1, 4096, 3 * BLOCK_SIZE).await.1, payload);
 }
+
+/// Fetch `path` from the metrics listener with a bare HTTP/1.1 request.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// The value of one sample line, e.g. `tessera_requests_total{op="write"}`.
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{body}"))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_bytes_and_refusals() {
+    let cluster = TestCluster::new();
+    let server = StorageProc::start(&cluster, "store-1", "64M", &["--metrics", "127.0.0.1:0"]);
+    let addr = server
+        .printed("metrics on")
+        .rsplit_once("metrics on ")
+        .unwrap()
+        .1
+        .to_string();
+    let mgmt = cluster.endpoint(Role::Mgmt, "mgmt-1");
+    push(&mgmt, &server, &whole_volume(1, EPOCH, SIZE, &[&server])).await;
+    let client = cluster.endpoint(Role::Client, "app");
+    let conn = server.connect(&client).await;
+    for i in 0..3 {
+        let reply = write(&conn, 1, EPOCH, i * MIB, &pattern(i, 64 << 10)).await;
+        assert_eq!(reply.status, Status::Ok);
+    }
+    let (reply, _) = read(&conn, 1, EPOCH, 0, 8192).await;
+    assert_eq!(reply.status, Status::Ok);
+    let stale = write(&conn, 1, EPOCH - 1, 0, &pattern(9, 4096)).await;
+    assert_eq!(stale.status, Status::StaleEpoch);
+
+    let scrape = addr.clone();
+    let response = tokio::task::spawn_blocking(move || http_get(&scrape, "/metrics"))
+        .await
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert_eq!(sample(body, "tessera_requests_total{op=\"write\"}"), 3.0);
+    assert_eq!(sample(body, "tessera_requests_total{op=\"read\"}"), 1.0);
+    assert_eq!(sample(body, "tessera_written_bytes_total"), 3.0 * 65536.0);
+    assert_eq!(sample(body, "tessera_read_bytes_total"), 8192.0);
+    assert_eq!(
+        sample(body, "tessera_refusals_total{status=\"stale_epoch\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(body, "tessera_request_seconds_count{op=\"write\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            body,
+            "tessera_request_seconds_bucket{op=\"write\",le=\"+Inf\"}"
+        ),
+        3.0
+    );
+    assert_eq!(sample(body, "tessera_volumes"), 1.0);
+    assert!(sample(body, "tessera_bitmask_blocks{state=\"total\"}") >= 64.0);
+
+    // Anything but GET /metrics gets a clear status, and the server goes on.
+    let other = addr.clone();
+    let response = tokio::task::spawn_blocking(move || http_get(&other, "/other"))
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 404 Not Found"), "{response}");
+    let garbage = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream.write_all(b"\x00\xff not http\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    })
+    .await
+    .unwrap();
+    assert!(garbage.starts_with("HTTP/1.1 400 Bad Request"), "{garbage}");
+    let (reply, _) = read(&conn, 1, EPOCH, 0, 4096).await;
+    assert_eq!(reply.status, Status::Ok);
+}

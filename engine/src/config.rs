@@ -23,6 +23,9 @@ pub struct StorageConfig {
     pub listen: SocketAddr,
     /// Data address announced to the management server (default: the bound address).
     pub advertise: Option<SocketAddr>,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP over TCP); none
+    /// serves no metrics. Port 0 picks a free port.
+    pub metrics_listen: Option<SocketAddr>,
     /// Management server to register with; none runs the server standalone.
     pub mgmt: Option<SocketAddr>,
     /// The management server's certificate name.
@@ -65,6 +68,7 @@ impl Default for StorageConfig {
             size: ByteSize(10 << 30),
             listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
             advertise: None,
+            metrics_listen: None,
             mgmt: None,
             mgmt_name: "mgmt".into(),
             heartbeat_ms: 1000,

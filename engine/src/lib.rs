@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod metrics;
 pub mod replication;
 pub mod report;
 pub mod server;

@@ -23,6 +23,7 @@ use crate::config::StorageConfig;
 use crate::error::EngineError;
 use crate::format::{Geometry, Superblock, SuperblockFault};
 use crate::io::{BlockDevice, IoEngine, StdDevice, UringDevice};
+use crate::metrics::Metrics;
 use crate::replication::{self, Replication};
 use crate::store::{self, ReadPiece, Refusal, Store};
 
@@ -261,6 +262,8 @@ pub struct Service {
     pub store: Store<AnyDevice>,
     pub replication: Replication,
     pub refresh: tokio::sync::Notify,
+    /// Counters for `GET /metrics`.
+    pub metrics: Metrics,
     /// Payload bytes in memory across all requests, in blocks: taken before
     /// a buffer is allocated, so many headers without payloads cannot
     /// exhaust memory; requests over the budget wait.
@@ -278,6 +281,7 @@ impl Service {
             store,
             replication,
             refresh: tokio::sync::Notify::new(),
+            metrics: Metrics::default(),
             budget: tokio::sync::Semaphore::new(IO_BUDGET / BLOCK_SIZE as usize),
         }
     }
@@ -438,10 +442,12 @@ async fn serve_data_stream(
         debug!(%peer, error = %e, "request stream ended before its header");
         return;
     }
+    let started = std::time::Instant::now();
     let request = match proto::parse_request(&raw) {
         Ok((request, _)) => request,
         Err(e) => {
             warn!(%peer, error = %e, "malformed request");
+            service.metrics.refused(e.status());
             let request_id = u64::from_le_bytes(raw[40..48].try_into().unwrap_or_default());
             let refusal = Refusal {
                 status: e.status(),
@@ -471,16 +477,33 @@ async fn serve_data_stream(
         })
     };
     let result = match outcome {
-        Ok((epoch, pieces)) => tokio::time::timeout(
-            STREAM_TIMEOUT,
-            send_pieces(&mut send, &request, epoch, pieces),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            let _ = send.reset(VarInt::from_u32(0));
-            Ok(())
-        }),
+        Ok((epoch, pieces)) => {
+            let sent = tokio::time::timeout(
+                STREAM_TIMEOUT,
+                send_pieces(&mut send, &request, epoch, pieces),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {
+                    let bytes = if request.opcode.has_range() {
+                        u64::from(request.length)
+                    } else {
+                        0
+                    };
+                    service
+                        .metrics
+                        .served(request.opcode, bytes, started.elapsed());
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    let _ = send.reset(VarInt::from_u32(0));
+                    Ok(())
+                }
+            }
+        }
         Err(refusal) => {
+            service.metrics.refused(refusal.status);
             debug!(%peer, id = request.request_id, status = ?refusal.status, message = %refusal.message, "refused");
             refuse(&mut send, &mut recv, request.request_id, &refusal).await;
             Ok(())

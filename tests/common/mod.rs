@@ -76,6 +76,16 @@ pub fn tessera() -> Command {
 
 /// Spawn `tessera` with `args`, wait for its "serving on ADDR" line.
 pub fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, String), String> {
+    spawn_server_with_output(args, log).map(|(child, addr, _)| (child, addr))
+}
+
+/// As [`spawn_server`], also handing back the lines the process prints
+/// after its first. Its stdout is drained until it exits, whether or not
+/// anyone reads the lines, so a later print never meets a closed pipe.
+pub fn spawn_server_with_output(
+    args: &[std::ffi::OsString],
+    log: &Path,
+) -> Result<(Child, String, mpsc::Receiver<String>), String> {
     let mut child = tessera()
         .args(args)
         .stdout(Stdio::piped())
@@ -91,13 +101,14 @@ pub fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, S
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
     });
     let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
     match line.trim().rsplit_once("serving on ") {
-        Some((_, addr)) => Ok((child, addr.to_string())),
+        Some((_, addr)) => Ok((child, addr.to_string(), rx)),
         None => {
             let _ = child.kill();
             let status = child.wait().unwrap();
@@ -182,6 +193,8 @@ pub struct StorageProc {
     pub addr: SocketAddr,
     child: Child,
     log: PathBuf,
+    /// What it printed after its "serving on" line.
+    output: mpsc::Receiver<String>,
 }
 
 impl StorageProc {
@@ -214,7 +227,8 @@ impl StorageProc {
             name.into(),
         ]);
         args.extend(extra.iter().map(Into::into));
-        let (child, addr) = spawn_server(&args, &log).map_err(|e| format!("{name} {e}"))?;
+        let (child, addr, output) =
+            spawn_server_with_output(&args, &log).map_err(|e| format!("{name} {e}"))?;
         let addr = addr.parse().unwrap();
         Ok(StorageProc {
             name: name.to_string(),
@@ -222,7 +236,21 @@ impl StorageProc {
             addr,
             child,
             log,
+            output,
         })
+    }
+
+    /// The next line it printed that contains `needle` (waiting up to 10 s).
+    pub fn printed(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("{} printed no line with {needle:?}: {e}", self.name),
+            }
+        }
     }
 
     /// SIGKILL: no chance to flush or clean up.
