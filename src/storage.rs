@@ -184,12 +184,12 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
             ),
             None => None,
         };
-        server::announce(&identity.me().name, addr);
+        server::announce(&identity.me().name, "serving on", addr);
         if let Some(listener) = metrics_listener {
             let bound = listener.local_addr()?;
             info!(addr = %bound, "metrics at http://{bound}/metrics");
             // After the "serving on" line, which scripts wait for first.
-            println!("tessera storage {} metrics on {bound}", identity.me().name);
+            server::announce(&identity.me().name, "metrics on", bound);
             tokio_uring::spawn(metrics::serve_metrics(service.clone(), listener));
         }
         tokio_uring::spawn(server::serve(service.clone(), endpoint.clone()));

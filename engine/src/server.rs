@@ -667,10 +667,11 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, request_id: u64, r
     }
 }
 
-/// Print the line scripts and tests wait for, then flush stdout.
-pub fn announce(name: &str, addr: std::net::SocketAddr) {
+/// Print a line scripts and tests wait for (`tessera storage NAME WHAT
+/// ADDR`), then flush stdout. A reader that has gone away is no error.
+pub fn announce(name: &str, what: &str, addr: std::net::SocketAddr) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "tessera storage {name} serving on {addr}");
+    let _ = writeln!(out, "tessera storage {name} {what} {addr}");
     let _ = out.flush();
 }
 
