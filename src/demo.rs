@@ -69,11 +69,15 @@ pub fn run(command: DemoCommand) -> anyhow::Result<()> {
         "  management server   {mgmt}   (log {}/mgmt.log)",
         dir.display()
     );
-    for (name, addr) in &cluster.storage {
+    for server in &cluster.storage {
         println!(
-            "  storage server      {addr}   {name}, disk {}/{name}.img ({})",
+            "  storage server      {}   {}, disk {}/{}.img ({}), metrics http://{}/metrics",
+            server.addr,
+            server.name,
             dir.display(),
-            command.disk_size
+            server.name,
+            command.disk_size,
+            server.metrics
         );
     }
 
@@ -216,6 +220,20 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
                 String::from_utf8_lossy(&verify.stderr)
             );
         }
+        // The servers count what the demo wrote, as Prometheus sees it.
+        let mut writes = 0.0;
+        for server in &cluster.storage {
+            let body = scrape(&server.metrics).await?;
+            writes += body
+                .lines()
+                .find_map(|l| l.strip_prefix("tessera_requests_total{op=\"write\"} "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("{} metrics lack the write counter", server.name))?;
+        }
+        if writes < 1.0 {
+            bail!("the storage servers' metrics count no writes");
+        }
+        println!("metrics: the storage servers counted {writes} writes");
         serving.abort();
         endpoint.close();
         return Ok(());
@@ -237,4 +255,21 @@ async fn output(mut command: Command) -> anyhow::Result<std::process::Output> {
         .await
         .context("command runner failed")?
         .with_context(|| format!("cannot run {program}"))
+}
+
+/// GET http://`addr`/metrics and return the body.
+async fn scrape(addr: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach metrics at {addr}"))?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => bail!("metrics at {addr} answered: {response:.200}"),
+    }
 }

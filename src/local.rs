@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,12 +18,20 @@ use tessera_net::units::ByteSize;
 
 const CERT_DAYS: u32 = 825;
 
+/// A storage server of a local cluster.
+pub struct LocalStorage {
+    pub name: String,
+    /// Its data address.
+    pub addr: String,
+    /// Where it serves Prometheus metrics.
+    pub metrics: String,
+}
+
 /// A running local cluster; its processes stop (SIGTERM, then waited for)
 /// when it is dropped.
 pub struct LocalCluster {
     pub mgmt: SocketAddr,
-    /// Storage servers: name and data address.
-    pub storage: Vec<(String, String)>,
+    pub storage: Vec<LocalStorage>,
     children: Vec<(String, Child)>,
 }
 
@@ -63,7 +72,7 @@ impl LocalCluster {
             children: Vec::new(),
         };
         let state = format!("{d}/mgmt-state");
-        let mgmt = cluster.spawn(
+        let (mgmt, _) = cluster.spawn(
             "mgmt",
             &[
                 "mgmt",
@@ -82,10 +91,12 @@ impl LocalCluster {
         let size = disk_size.to_string().replace(' ', "");
         for name in storage {
             let data = format!("{d}/{name}.img");
-            let addr = cluster.spawn(
+            let (addr, output) = cluster.spawn(
                 name,
                 &[
                     "storage",
+                    "--metrics",
+                    "127.0.0.1:0",
                     "--data",
                     &data,
                     "--size",
@@ -101,7 +112,16 @@ impl LocalCluster {
                 ],
                 &dir.join(format!("{name}.log")),
             )?;
-            cluster.storage.push((name.to_string(), addr));
+            let metrics = output
+                .recv_timeout(Duration::from_secs(10))
+                .ok()
+                .and_then(|line| Some(line.trim().rsplit_once("metrics on ")?.1.to_string()))
+                .with_context(|| format!("{name} did not say where its metrics are"))?;
+            cluster.storage.push(LocalStorage {
+                name: name.to_string(),
+                addr,
+                metrics,
+            });
         }
         Ok(cluster)
     }
@@ -138,8 +158,15 @@ impl LocalCluster {
         self.children.iter().map(|(_, c)| c.id()).collect()
     }
 
-    /// Start `tessera ARGS`, wait for its "serving on ADDR" line, return ADDR.
-    fn spawn(&mut self, name: &str, args: &[&str], log: &Path) -> anyhow::Result<String> {
+    /// Start `tessera ARGS`, wait for its "serving on ADDR" line; return
+    /// ADDR and the lines it prints after that. Its stdout is read until it
+    /// exits, so a later line never meets a closed pipe.
+    fn spawn(
+        &mut self,
+        name: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<(String, Receiver<String>)> {
         let exe = std::env::current_exe().context("cannot find the tessera binary")?;
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -158,14 +185,15 @@ impl LocalCluster {
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
         });
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         self.children.push((name.to_string(), child));
         match line.trim().rsplit_once("serving on ") {
-            Some((_, addr)) => Ok(addr.to_string()),
+            Some((_, addr)) => Ok((addr.to_string(), rx)),
             None => {
                 let log_text = std::fs::read_to_string(log).unwrap_or_default();
                 let last = log_text.lines().last().unwrap_or("(no output)");
