@@ -18,6 +18,9 @@ pub const ALIGN: usize = 4096;
 
 /// Bytes of recycled buffers one thread keeps for reuse.
 const POOL_BYTES: usize = 64 << 20;
+/// Buffers of one size kept, so that one size (many 4 KiB reads) cannot
+/// fill the pool and leave none for another (1 MiB writes).
+const POOL_PER_SIZE: usize = 32;
 
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -44,11 +47,12 @@ impl Pool {
 
     /// Keep `ptr` unless the pool is full; gives it back if not kept.
     fn put(&mut self, size: usize, ptr: NonNull<u8>) -> Result<(), NonNull<u8>> {
-        if self.bytes + size > POOL_BYTES {
+        let same = self.free.entry(size).or_default();
+        if self.bytes + size > POOL_BYTES || same.len() >= POOL_PER_SIZE {
             return Err(ptr);
         }
         self.bytes += size;
-        self.free.entry(size).or_default().push(ptr);
+        same.push(ptr);
         Ok(())
     }
 }
@@ -157,8 +161,8 @@ impl AsRef<[u8]> for AlignedBuf {
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` is valid for `len <= layout.size()` initialized (zeroed) bytes
-        // and we hold the only pointer to them.
+        // SAFETY: `ptr` is valid for `len <= layout.size()` initialized bytes (zeroed
+        // at allocation, perhaps written since) and we hold the only pointer to them.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -171,7 +175,7 @@ impl DerefMut for AlignedBuf {
 }
 
 // SAFETY: the allocation is stable until drop; every byte is initialized
-// (zeroed) and `len` never exceeds the allocation.
+// (zeroed at allocation) and `len` never exceeds the allocation.
 unsafe impl tokio_uring::buf::IoBuf for AlignedBuf {
     fn stable_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
@@ -230,12 +234,24 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_is_bounded() {
+    fn the_pool_is_bounded_overall_and_per_size() {
         let held: Vec<_> = (0..(POOL_BYTES >> 20) + 4)
             .map(|_| AlignedBuf::for_overwrite(1 << 20))
             .collect();
         drop(held);
-        let pooled = POOL.with(|pool| pool.borrow().bytes);
+        let (pooled, of_size) = POOL.with(|pool| {
+            let pool = pool.borrow();
+            (pool.bytes, pool.free.get(&(1 << 20)).map_or(0, Vec::len))
+        });
         assert!(pooled <= POOL_BYTES, "{pooled} bytes pooled");
+        assert_eq!(of_size, POOL_PER_SIZE);
+        // Many small buffers leave room for the large ones.
+        drop(
+            (0..1000)
+                .map(|_| AlignedBuf::for_overwrite(4096))
+                .collect::<Vec<_>>(),
+        );
+        let small = POOL.with(|pool| pool.borrow().free.get(&4096).map_or(0, Vec::len));
+        assert_eq!(small, POOL_PER_SIZE);
     }
 }

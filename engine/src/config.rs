@@ -51,7 +51,8 @@ pub struct StorageConfig {
     /// How often (ms) a primary clears the bits of regions every mirror holds.
     pub clean_interval_ms: u64,
     /// A region's bits clear only once no write has touched it for about
-    /// this long (ms). Clearing a bit that the next write sets again costs a
+    /// this long (ms; counted in cleaning passes, so up to one
+    /// `clean_interval_ms` less). Clearing a bit that the next write sets again costs a
     /// metadata write on that write's path; keeping recently written
     /// regions set makes a lost mirror's resync copy them too, which is the
     /// cheaper side of the trade (Linux md's write-intent bitmap makes the

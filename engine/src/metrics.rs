@@ -21,8 +21,12 @@ const BUCKETS_US: [u64; 14] = [
 ];
 /// The longest request a scraper may send (headers included).
 const MAX_HTTP_REQUEST: usize = 8 << 10;
-/// How long a scraper may take to send its request.
+/// How long a scraper may take to send its request, and to take the answer.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Metrics connections served at once.
+const MAX_HTTP_CONNECTIONS: usize = 16;
+/// The pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A Prometheus histogram of request latencies.
 #[derive(Debug, Default)]
@@ -214,6 +218,7 @@ impl Metrics {
             "gauge",
             "Regions a peer may lack, by volume and peer.",
         );
+        // Peer names need no escaping in labels: certificates allow only [A-Za-z0-9._-].
         for volume in &volumes {
             for peer in store.dirty_peers(volume.id) {
                 let count = store.dirty_count(volume.id, &peer, 0..u64::MAX);
@@ -234,19 +239,30 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// Serve `GET /metrics` on `listener` until the process ends.
 pub async fn serve_metrics(service: Rc<Service>, listener: TcpListener) {
+    // Scrapers are few: more connections at once than this are closed at
+    // once, so idle ones cannot take the process's file descriptors.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
+                // Out of descriptors, say: the connection stays queued, so
+                // trying again at once would spin.
                 debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "too many metrics connections; closing this one");
+            continue;
         };
         let service = service.clone();
         tokio_uring::spawn(async move {
             if let Err(e) = answer(&service, stream).await {
                 debug!(%peer, error = %e, "metrics request failed");
             }
+            drop(slot);
         });
     }
 }
@@ -283,8 +299,17 @@ async fn answer(service: &Service, mut stream: tokio::net::TcpStream) -> std::io
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let sent = tokio::time::timeout(HTTP_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+    sent.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the scraper did not take the answer",
+        ))
+    })
 }
 
 #[cfg(test)]
