@@ -103,7 +103,8 @@ fn status_name(status: Status) -> &'static str {
 }
 
 impl Metrics {
-    /// A request answered OK after `latency`, moving `bytes` of payload.
+    /// A request answered OK after `latency`; a read's or write's `bytes`
+    /// count as payload moved.
     pub fn served(&self, op: Opcode, bytes: u64, latency: Duration) {
         let i = Opcode::ALL.iter().position(|o| *o == op).unwrap_or(0);
         bump(&self.served[i], 1);

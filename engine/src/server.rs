@@ -485,14 +485,11 @@ async fn serve_data_stream(
             .await;
             match sent {
                 Ok(Ok(())) => {
-                    let bytes = if request.opcode.has_range() {
-                        u64::from(request.length)
-                    } else {
-                        0
-                    };
-                    service
-                        .metrics
-                        .served(request.opcode, bytes, started.elapsed());
+                    service.metrics.served(
+                        request.opcode,
+                        u64::from(request.length),
+                        started.elapsed(),
+                    );
                     Ok(())
                 }
                 Ok(Err(e)) => Err(e),
@@ -602,10 +599,14 @@ fn piece_bytes(piece: &ReadPiece) -> impl Iterator<Item = &[u8]> {
         ReadPiece::Data(buf) => (buf, 0),
         ReadPiece::Zeroes(n) => (&[], *n),
     };
-    std::iter::once(data).filter(|d| !d.is_empty()).chain(
-        (0..zeroes.div_ceil(ZEROES.len()))
-            .map(move |i| &ZEROES[..(zeroes - i * ZEROES.len()).min(ZEROES.len())]),
-    )
+    std::iter::once(data)
+        .filter(|d| !d.is_empty())
+        .chain(zero_chunks(zeroes))
+}
+
+/// `n` zero bytes as slices of [`ZEROES`].
+fn zero_chunks<'a>(n: usize) -> impl Iterator<Item = &'a [u8]> {
+    (0..n.div_ceil(ZEROES.len())).map(move |i| &ZEROES[..(n - i * ZEROES.len()).min(ZEROES.len())])
 }
 
 /// Send the reply header and the read data in one call. The data goes to
@@ -633,13 +634,7 @@ async fn send_pieces(
     for piece in pieces {
         match piece {
             ReadPiece::Data(buf) => chunks.push(Bytes::from_owner(buf)),
-            ReadPiece::Zeroes(mut n) => {
-                while n > 0 {
-                    let take = n.min(ZEROES.len());
-                    chunks.push(Bytes::from_static(&ZEROES[..take]));
-                    n -= take;
-                }
-            }
+            ReadPiece::Zeroes(n) => chunks.extend(zero_chunks(n).map(Bytes::from_static)),
         }
     }
     send.write_all_chunks(&mut chunks).await?;
