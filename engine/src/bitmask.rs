@@ -52,6 +52,19 @@ fn split(region: u64) -> (u64, usize) {
     )
 }
 
+/// The bits of block `number` that `range` covers (perhaps none), or `None`
+/// when the block starts at or past the end of `range`, so that no later
+/// block can hold any either.
+fn bits_within(number: u64, range: &std::ops::Range<u64>) -> Option<std::ops::Range<usize>> {
+    let base = number * REGIONS_PER_BITMASK_BLOCK;
+    if base >= range.end {
+        return None;
+    }
+    let from = range.start.saturating_sub(base) as usize;
+    let to = (range.end - base).min(REGIONS_PER_BITMASK_BLOCK) as usize;
+    Some(from..to)
+}
+
 impl Bitmasks {
     /// An empty set over a pool of `pool_blocks` blocks.
     pub fn new(pool_blocks: u64) -> Self {
@@ -177,14 +190,11 @@ impl Bitmasks {
         };
         let (first_block, _) = split(regions.start);
         for (number, entry) in map.range_mut(first_block..) {
-            let base = number * REGIONS_PER_BITMASK_BLOCK;
-            if base >= regions.end {
+            let Some(bits) = bits_within(*number, &regions) else {
                 break;
-            }
-            let from = regions.start.saturating_sub(base) as usize;
-            let to = (regions.end - base).min(REGIONS_PER_BITMASK_BLOCK) as usize;
-            if from < to && entry.bits[from..to].any() {
-                entry.bits[from..to].fill(false);
+            };
+            if !bits.is_empty() && entry.bits[bits.clone()].any() {
+                entry.bits[bits].fill(false);
                 changed.push(entry.pool);
             }
         }
@@ -264,14 +274,11 @@ impl Bitmasks {
         let (first_block, _) = split(range.start);
         let mut count = 0;
         for (number, entry) in map.range(first_block..) {
-            let base = number * REGIONS_PER_BITMASK_BLOCK;
-            if base >= range.end {
+            let Some(bits) = bits_within(*number, &range) else {
                 break;
-            }
-            let from = range.start.saturating_sub(base) as usize;
-            let to = (range.end - base).min(REGIONS_PER_BITMASK_BLOCK) as usize;
-            if from < to {
-                count += entry.bits[from..to].count_ones() as u64;
+            };
+            if !bits.is_empty() {
+                count += entry.bits[bits].count_ones() as u64;
             }
         }
         count
