@@ -334,20 +334,25 @@ fn losing_the_last_in_sync_replica_keeps_the_layout() {
     );
 }
 
+/// `name` registers again with a new incarnation, as after its disk was wiped.
+fn reregister_wiped(s: &mut ClusterState, name: &str) {
+    let record = s.servers[name].clone();
+    s.apply(&Command::RegisterServer {
+        name: name.to_string(),
+        data_addr: record.data_addr,
+        capacity: record.capacity,
+        incarnation: record.incarnation + 1,
+    })
+    .unwrap();
+}
+
 #[test]
 fn a_wiped_disk_puts_its_replicas_out_of_sync() {
     let mut s = three_servers();
     s.apply(&create("v", 4 * MIB, 2)).unwrap();
     let before = replicas(&s, "v");
     let primary = before[0].0.clone();
-    let record = s.servers[&primary].clone();
-    s.apply(&Command::RegisterServer {
-        name: primary.clone(),
-        data_addr: record.data_addr,
-        capacity: record.capacity,
-        incarnation: record.incarnation + 1,
-    })
-    .unwrap();
+    reregister_wiped(&mut s, &primary);
     assert_eq!(
         replicas(&s, "v")[1],
         (primary.clone(), MirrorState::OutOfSync)
@@ -360,14 +365,7 @@ fn a_wiped_sole_copy_is_out_of_sync_not_a_copy() {
     let mut s = three_servers();
     s.apply(&create("v", 4 * MIB, 1)).unwrap();
     let only = replicas(&s, "v")[0].0.clone();
-    let record = s.servers[&only].clone();
-    s.apply(&Command::RegisterServer {
-        name: only.clone(),
-        data_addr: record.data_addr,
-        capacity: record.capacity,
-        incarnation: record.incarnation + 1,
-    })
-    .unwrap();
+    reregister_wiped(&mut s, &only);
     assert_eq!(replicas(&s, "v"), vec![(only, MirrorState::OutOfSync)]);
 }
 
