@@ -19,8 +19,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tessera_driver::{Client, MgmtServer, Volume};
 use tessera_net::proto::{
-    AdminCommand, ClusterStatus, Epoch, FLAG_REPLICA, MgmtReply, MgmtRequest, MirrorState, Request,
-    Role, Status, VolumeId,
+    AdminCommand, ClusterStatus, Epoch, FLAG_FUA, FLAG_REPLICA, MgmtReply, MgmtRequest,
+    MirrorState, Request, Role, Status, VolumeId,
 };
 use tessera_net::quic::Alpn;
 
@@ -398,6 +398,83 @@ async fn forwarding_rules_fence_everyone_but_the_primary() {
     );
     assert_eq!(sums.0[..3], sums.1[..3]);
     assert_ne!(sums.0[3], sums.1[3], "the mirror missed region 3");
+}
+
+/// Every flag byte a client can put on a write to the primary: only plain
+/// and FUA writes are taken, and each taken one is on both replicas with the
+/// mirror's write-intent bit for the primary set. Before the fix a client's
+/// RESYNC bit went through to the mirror, which then skipped its bits, so a
+/// failover could leave the replicas unequal while both reported in sync.
+#[tokio::test]
+async fn client_flags_cannot_make_a_mirror_skip_its_bits() {
+    const REGION: u64 = 64 << 10;
+    let cluster = TestCluster::new();
+    // Bits stay set for the whole test instead of clearing after 5 s idle.
+    let config = cluster.path("slow-clean.toml");
+    std::fs::write(&config, "clean_after_ms = 600000\n").unwrap();
+    let extra = ["--config", config.to_str().unwrap()];
+    let s1 = StorageProc::start(&cluster, "s1", "64M", &extra);
+    let s2 = StorageProc::start(&cluster, "s2", "64M", &extra);
+    let mgmt = cluster.endpoint(Role::Mgmt, "mgmt-1");
+    let map = whole_volume(1, 5, 256 * REGION, &[&s1, &s2]);
+    for s in [&s1, &s2] {
+        assert!(matches!(
+            push(&mgmt, s, &map).await,
+            MgmtReply::Applied { .. }
+        ));
+    }
+    let to_primary = s1.connect(&cluster.endpoint(Role::Client, "app")).await;
+    let mut taken = Vec::new();
+    for flags in 0..=u8::MAX {
+        let data = pattern(u64::from(flags) + 1, BLOCK as usize);
+        let offset = u64::from(flags) * REGION;
+        let mut request =
+            Request::write(VolumeId(1), Epoch(5), offset, &data, u64::from(flags)).unwrap();
+        request.flags = flags;
+        let (reply, message) = to_primary.data(&request, &data).await.unwrap();
+        match reply.status {
+            Status::Ok => taken.push(flags),
+            Status::BadRequest | Status::Forbidden => {}
+            other => panic!(
+                "flags {flags:#04x}: {other:?} {}",
+                String::from_utf8_lossy(&message)
+            ),
+        }
+    }
+    assert_eq!(taken, [0, FLAG_FUA]);
+
+    let (primary, mirror) = (
+        region_sums(&cluster, &s1, 256 * REGION).await,
+        region_sums(&cluster, &s2, 256 * REGION).await,
+    );
+    assert_eq!(primary, mirror, "the replicas differ");
+    let zero = crc32c::crc32c(&[0u8; REGION as usize]);
+    assert!(primary[..2].iter().all(|s| *s != zero));
+    assert!(
+        primary[2..].iter().all(|s| *s == zero),
+        "a refused write landed"
+    );
+
+    let peer = cluster
+        .endpoint(Role::Storage, "s3")
+        .connect(s2.addr, "s2", Alpn::Mgmt, Role::Storage)
+        .await
+        .unwrap();
+    let ask = MgmtRequest::DirtyRegions {
+        volume: VolumeId(1),
+        peer: "s1".into(),
+    };
+    match peer.mgmt(&ask).await.unwrap() {
+        MgmtReply::Regions {
+            all: false,
+            regions,
+            ..
+        } => {
+            let marked: Vec<u64> = regions.iter().flat_map(|(a, b)| *a..*b).collect();
+            assert_eq!(marked, [0, 1], "the mirror's bits for the primary");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Kill `victim` during a write workload, keep writing, bring it back and

@@ -316,6 +316,64 @@ async fn bad_requests_get_typed_replies_and_the_server_keeps_serving() {
     assert!(server.stop().success());
 }
 
+/// A request's stream holds its header and exactly `length` payload bytes
+/// (none but for WRITE); anything else is refused, and a header cut short
+/// still gets a typed refusal.
+#[tokio::test]
+async fn streams_carry_exactly_the_declared_payload() {
+    let (_cluster, mut server, client, _mgmt) = one_server().await;
+    let conn = server.connect(&client).await;
+    let raw = |bytes: Vec<u8>| {
+        let conn = conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_stream().await.unwrap();
+            // The server may stop reading once it refuses.
+            let _ = send.write_all(&bytes).await;
+            let _ = send.finish();
+            read_reply(&mut recv).await.unwrap()
+        }
+    };
+
+    // A WRITE whose stream goes on past `length`.
+    let data = pattern(3, 8192);
+    let request = Request::write(VolumeId(1), Epoch(EPOCH), 0, &data[..4096], 11).unwrap();
+    let mut bytes = request.encode().to_vec();
+    bytes.extend_from_slice(&data);
+    let (reply, message) = raw(bytes).await;
+    assert_eq!((reply.status, reply.request_id), (Status::BadRequest, 11));
+    assert!(
+        String::from_utf8_lossy(&message).contains("more than the 4096 payload bytes"),
+        "{}",
+        String::from_utf8_lossy(&message)
+    );
+
+    // A READ that carries a payload.
+    let request = Request::new(Opcode::Read, VolumeId(1), Epoch(EPOCH), 0, 4096, 12);
+    let mut bytes = request.encode().to_vec();
+    bytes.extend_from_slice(&data[..4096]);
+    let (reply, message) = raw(bytes).await;
+    assert_eq!((reply.status, reply.request_id), (Status::BadRequest, 12));
+    assert!(String::from_utf8_lossy(&message).contains("more than the 0 payload bytes"));
+
+    // Neither was written.
+    let (_, held) = read(&conn, 1, EPOCH, 0, 8192).await;
+    assert!(held.iter().all(|b| *b == 0), "a refused write landed");
+
+    // A header shorter than 64 bytes.
+    let (reply, message) = raw(request.encode()[..20].to_vec()).await;
+    assert_eq!(reply.status, Status::BadRequest);
+    assert!(
+        String::from_utf8_lossy(&message).contains("need 64 bytes, have 20"),
+        "{}",
+        String::from_utf8_lossy(&message)
+    );
+
+    // Exactly the declared payload is still served.
+    assert_eq!(write(&conn, 1, EPOCH, 0, &data).await.status, Status::Ok);
+    assert_eq!(read(&conn, 1, EPOCH, 0, 8192).await.1, data);
+    assert!(server.stop().success());
+}
+
 #[tokio::test]
 async fn layout_change_fences_old_epoch_and_survives_restart() {
     let (cluster, mut server, client, mgmt) = one_server().await;

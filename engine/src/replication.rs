@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tessera_net::proto::{
-    Epoch, FLAG_REPLICA, FLAG_RESYNC, MgmtReply, MgmtRequest, MirrorReport, MirrorState, Opcode,
+    Epoch, FLAG_RESYNC, Forward, MgmtReply, MgmtRequest, MirrorReport, MirrorState, Opcode,
     Partition, Refusal as MgmtRefusal, Replica, Request, ResyncProgress, Role, Status, VolumeId,
     VolumeMap, region_runs,
 };
@@ -403,6 +403,7 @@ impl Replication {
         key: (VolumeId, u64),
         target: &Replica,
         request: &Request,
+        kind: Forward,
         payload: &[u8],
     ) -> Result<(), ForwardError> {
         let (volume, first_page) = key;
@@ -416,9 +417,7 @@ impl Replication {
         let deadline = Instant::now() + self.settings.forward_timeout;
         let attempt = async {
             loop {
-                let mut forwarded = *request;
-                forwarded.flags |= FLAG_REPLICA;
-                forwarded.request_id = self.next_request_id();
+                let forwarded = request.forwarded(kind, self.next_request_id());
                 let failed = |e: tessera_net::quic::QuicError| ForwardError::Failed(e.to_string());
                 let conn = self
                     .data
@@ -668,7 +667,7 @@ pub async fn primary_write(
     let remote = join_all(
         targets
             .iter()
-            .map(|t| repl.forward((volume.id, first_page), t, request, &bytes)),
+            .map(|t| repl.forward((volume.id, first_page), t, request, Forward::Client, &bytes)),
     );
     let (local, remote) = futures_util::future::join(local, remote).await;
     // Replicas that did not take the write get this region copied before its
@@ -779,11 +778,10 @@ pub async fn primary_flush(
     }
     let request = Request::new(Opcode::Flush, volume.id, epoch, 0, 0, 0);
     let local = service.store.flush();
-    let remote = join_all(
-        targets
-            .iter()
-            .map(|(t, pages)| repl.forward((volume.id, pages[0]), t, &request, &[])),
-    );
+    let remote =
+        join_all(targets.iter().map(|(t, pages)| {
+            repl.forward((volume.id, pages[0]), t, &request, Forward::Client, &[])
+        }));
     let (local, remote) = futures_util::future::join(local, remote).await;
     drop(admitted);
     local.map_err(|e| io_refusal(volume, &e))?;
@@ -1145,7 +1143,11 @@ async fn clean(service: &Service) {
         let epoch = volume.epoch();
         let flush = Request::new(Opcode::Flush, volume.id, epoch, 0, 0, 0);
         let key = (volume.id, partition.first_page);
-        if repl.forward(key, &peer, &flush, &[]).await.is_err() {
+        if repl
+            .forward(key, &peer, &flush, Forward::Client, &[])
+            .await
+            .is_err()
+        {
             continue;
         }
         let clean: Vec<u64> = snapshot
@@ -1381,7 +1383,7 @@ async fn copy_region(
         ReadPiece::Zeroes(_) => true,
     });
     let mut data = Vec::new();
-    let mut request = if zero {
+    let request = if zero {
         Request::new(
             Opcode::WriteZeroes,
             volume_id,
@@ -1400,9 +1402,14 @@ async fn copy_region(
         Request::write(volume_id, volume.epoch(), start, &data, 0)
             .map_err(|e| ForwardError::Failed(e.to_string()))?
     };
-    request.flags |= FLAG_RESYNC;
-    repl.forward((volume_id, first_page), &peer, &request, &data)
-        .await?;
+    repl.forward(
+        (volume_id, first_page),
+        &peer,
+        &request,
+        Forward::Resync,
+        &data,
+    )
+    .await?;
     Ok((u64::from(len), stamp))
 }
 
@@ -1420,7 +1427,7 @@ async fn finish_batch(service: &Service, key: &MirrorKey, copied: &[(u64, Option
     let epoch = volume.epoch();
     let flush = Request::new(Opcode::Flush, volume_id, epoch, 0, 0, 0);
     if let Err(reason) = repl
-        .forward((volume_id, first_page), &peer, &flush, &[])
+        .forward((volume_id, first_page), &peer, &flush, Forward::Client, &[])
         .await
     {
         warn!(mirror = peer_name, %reason, "flush after resync batch failed");

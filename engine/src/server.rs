@@ -8,13 +8,14 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use tessera_net::log_limit::LogLimit;
 use tessera_net::proto::{
     self, BLOCK_SIZE, Epoch, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, Opcode,
     REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
 };
 use tessera_net::quic::{
-    Alpn, Endpoint, PeerConnection, PeerIdentity, RecvStream, SendStream, TlsIdentity, VarInt,
-    serve_mgmt_stream,
+    Alpn, Endpoint, PeerConnection, PeerIdentity, ReadExactError, RecvStream, SendStream,
+    TlsIdentity, VarInt, serve_mgmt_stream,
 };
 use tracing::{debug, info, warn};
 
@@ -270,6 +271,11 @@ pub struct Service {
     budget: tokio::sync::Semaphore,
 }
 
+/// Warnings any peer can cause at will, limited (`suppressed` counts the
+/// lines held back since the last one).
+static MALFORMED: LogLimit = LogLimit::new(10, std::time::Duration::from_secs(10));
+static HANDSHAKE_REFUSED: LogLimit = LogLimit::new(10, std::time::Duration::from_secs(10));
+
 /// Payload memory all requests together may hold.
 const IO_BUDGET: usize = 256 << 20;
 /// How long a peer may take to deliver a payload or accept a reply.
@@ -298,7 +304,11 @@ pub async fn serve(service: Rc<Service>, endpoint: Endpoint) {
                     debug!(peer = %conn.peer(), %remote, alpn = ?conn.alpn(), "connected");
                     serve_connection(store, conn).await;
                 }
-                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+                Err(e) => {
+                    if let Some(suppressed) = HANDSHAKE_REFUSED.allow() {
+                        warn!(%remote, error = %e, suppressed, "handshake refused");
+                    }
+                }
             }
         });
     }
@@ -438,15 +448,34 @@ async fn serve_data_stream(
     mut recv: RecvStream,
 ) {
     let mut raw = [0u8; REQUEST_HEADER_LEN];
-    if let Err(e) = recv.read_exact(&mut raw).await {
-        debug!(%peer, error = %e, "request stream ended before its header");
-        return;
+    match recv.read_exact(&mut raw).await {
+        Ok(()) => {}
+        // The peer finished its side early, but can still read a refusal.
+        Err(ReadExactError::FinishedEarly(available)) => {
+            let error = proto::ProtoError::Truncated {
+                needed: REQUEST_HEADER_LEN,
+                available,
+            };
+            if let Some(suppressed) = MALFORMED.allow() {
+                warn!(%peer, error = %error, suppressed, "malformed request");
+            }
+            service.metrics.refused(error.status());
+            let refusal = Refusal::new(error.status(), Epoch(0), error.to_string());
+            refuse(&mut send, &mut recv, 0, &refusal).await;
+            return;
+        }
+        Err(e) => {
+            debug!(%peer, error = %e, "request stream ended before its header");
+            return;
+        }
     }
     let started = std::time::Instant::now();
     let request = match proto::parse_request(&raw) {
         Ok((request, _)) => request,
         Err(e) => {
-            warn!(%peer, error = %e, "malformed request");
+            if let Some(suppressed) = MALFORMED.allow() {
+                warn!(%peer, error = %e, suppressed, "malformed request");
+            }
             service.metrics.refused(e.status());
             let request_id = u64::from_le_bytes(raw[40..48].try_into().unwrap_or_default());
             let refusal = Refusal {
@@ -531,14 +560,10 @@ async fn execute(
             service.refresh.notify_one();
         }
     })?;
+    let refusal = |message: String| Refusal::new(Status::BadRequest, volume.epoch(), message);
     let payload = if request.opcode == Opcode::Write {
         let mut buf = AlignedBuf::for_overwrite(request.payload_len());
         let received = tokio::time::timeout(STREAM_TIMEOUT, recv.read_exact(&mut buf)).await;
-        let refusal = |message: String| Refusal {
-            status: Status::BadRequest,
-            epoch: volume.epoch(),
-            message,
-        };
         match received {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(refusal(format!("payload not received: {e}"))),
@@ -557,6 +582,22 @@ async fn execute(
     } else {
         None
     };
+    // Exactly `payload_len` bytes: a stream that goes on is refused.
+    match tokio::time::timeout(STREAM_TIMEOUT, recv.read_chunk(1, true)).await {
+        Ok(Ok(None)) => {}
+        Ok(Ok(Some(_))) => {
+            let error = proto::ProtoError::TrailingPayload {
+                declared: request.payload_len(),
+            };
+            return Err(refusal(error.to_string()));
+        }
+        Ok(Err(e)) => return Err(refusal(format!("request stream failed: {e}"))),
+        Err(_) => {
+            return Err(refusal(format!(
+                "request stream not finished within {STREAM_TIMEOUT:?}"
+            )));
+        }
+    }
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
     let forwarded = request.flags & FLAG_REPLICA != 0;
     let admitted = if forwarded {

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use tessera_net::proto::{
-    Epoch, FLAG_REPLICA, MAX_VOLUME_SIZE, MgmtReply, MirrorState, Partition, Request, Role, Status,
-    VolumeId, VolumeMap,
+    Epoch, FLAG_REPLICA, FLAG_RESYNC, MAX_VOLUME_SIZE, MgmtReply, MirrorState, Partition, Request,
+    Role, Status, VolumeId, VolumeMap,
 };
 use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -43,7 +43,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: Status, epoch: Epoch, message: impl Into<String>) -> Self {
+    pub fn new(status: Status, epoch: Epoch, message: impl Into<String>) -> Self {
         Refusal {
             status,
             epoch,
@@ -797,7 +797,7 @@ impl<D: BlockDevice> Store<D> {
             ));
         }
         let replica = request.flags & FLAG_REPLICA != 0;
-        if replica && peer.role != Role::Storage {
+        if request.flags & (FLAG_REPLICA | FLAG_RESYNC) != 0 && peer.role != Role::Storage {
             return Err(Refusal::new(
                 Status::Forbidden,
                 record.epoch,

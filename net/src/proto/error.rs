@@ -27,6 +27,9 @@ pub enum ProtoError {
     /// Flag bits are set that this version does not define.
     #[error("unknown flag bits {found:#04x}")]
     UnknownFlags { found: u8 },
+    /// RESYNC is set without REPLICA: only a primary's forwarded copy may carry it.
+    #[error("flags {flags:#04x}: RESYNC (bit 2) is only valid with REPLICA (bit 1)")]
+    ResyncWithoutReplica { flags: u8 },
     /// Reserved header bytes are not zero (they are kept for later versions).
     #[error("reserved header bytes are not zero")]
     ReservedNotZero,
@@ -60,6 +63,9 @@ pub enum ProtoError {
     /// The payload has another length than the header announced.
     #[error("payload is {actual} bytes, header says {declared}")]
     PayloadLength { declared: usize, actual: usize },
+    /// The request's stream goes on past the payload the header declares.
+    #[error("the stream carries more than the {declared} payload bytes the header declares")]
+    TrailingPayload { declared: usize },
     /// The payload's crc32c is not the one the header carries.
     #[error("payload checksum {actual:#010x} does not match header {expected:#010x}")]
     ChecksumMismatch { expected: u32, actual: u32 },

@@ -40,6 +40,15 @@ pub const FLAG_REPLICA: u8 = 0x02;
 pub const FLAG_RESYNC: u8 = 0x04;
 const KNOWN_FLAGS: u8 = FLAG_FUA | FLAG_REPLICA | FLAG_RESYNC;
 
+/// What a primary forwards to a mirror: a client's request, or a resync copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// A client's write, trim, zeroing or flush: the mirror sets its bits first.
+    Client,
+    /// The primary's version of a region, copied by resync.
+    Resync,
+}
+
 /// A volume's identity, assigned by the management server.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
@@ -291,10 +300,28 @@ impl Request {
         verify(self.payload_len(), self.checksum, payload)
     }
 
+    /// The request a primary forwards to a mirror for this one: its flags
+    /// are built anew (FUA kept, REPLICA set, RESYNC only for `Forward::Resync`),
+    /// so nothing a client sets can change how a mirror treats the copy.
+    pub fn forwarded(&self, kind: Forward, request_id: u64) -> Request {
+        let resync = match kind {
+            Forward::Client => 0,
+            Forward::Resync => FLAG_RESYNC,
+        };
+        Request {
+            flags: (self.flags & FLAG_FUA) | FLAG_REPLICA | resync,
+            request_id,
+            ..*self
+        }
+    }
+
     /// Field checks that need no payload; `parse_request` runs them on every header.
     pub fn validate(&self) -> Result<(), ProtoError> {
         if self.flags & !KNOWN_FLAGS != 0 {
             return Err(ProtoError::UnknownFlags { found: self.flags });
+        }
+        if self.flags & FLAG_RESYNC != 0 && self.flags & FLAG_REPLICA == 0 {
+            return Err(ProtoError::ResyncWithoutReplica { flags: self.flags });
         }
         if !self.opcode.carries_payload() && self.checksum != 0 {
             return Err(ProtoError::UnexpectedChecksum {

@@ -13,7 +13,7 @@ pub mod mgmt;
 
 pub use error::ProtoError;
 pub use header::{
-    BLOCK_SIZE, Epoch, FLAG_FUA, FLAG_REPLICA, FLAG_RESYNC, MAX_ERROR_MESSAGE, MAX_IO_LEN,
+    BLOCK_SIZE, Epoch, FLAG_FUA, FLAG_REPLICA, FLAG_RESYNC, Forward, MAX_ERROR_MESSAGE, MAX_IO_LEN,
     MAX_VOLUME_SIZE, Opcode, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Reply, Request, Status,
     VolumeId, checksum, parse_reply, parse_request,
 };

@@ -454,6 +454,46 @@ fn rejects_unknown_flags() {
     );
 }
 
+/// Every flag byte a client can send: only known bits, and RESYNC only
+/// with REPLICA, pass the parser; and whatever passed, the copy a primary
+/// forwards for a client carries REPLICA and the client's FUA, never RESYNC,
+/// so a mirror always sets its write-intent bits before applying it.
+#[test]
+fn flags_a_client_sends_never_reach_a_mirror_as_a_resync_copy() {
+    let mut accepted = Vec::new();
+    for flags in 0..=u8::MAX {
+        match mutate(|b| b[7] = flags) {
+            Ok(request) => {
+                accepted.push(flags);
+                let copy = request.forwarded(Forward::Client, 7);
+                assert_eq!(
+                    copy.flags,
+                    FLAG_REPLICA | (flags & FLAG_FUA),
+                    "flags {flags:#04x}"
+                );
+                assert_eq!(copy.request_id, 7);
+                let resync = request.forwarded(Forward::Resync, 8);
+                assert_eq!(
+                    resync.flags,
+                    FLAG_REPLICA | FLAG_RESYNC | (flags & FLAG_FUA),
+                    "flags {flags:#04x}"
+                );
+                assert_eq!(parse_request(&copy.encode()).unwrap().0, copy);
+            }
+            Err(ProtoError::UnknownFlags { found }) => {
+                assert_eq!(found, flags);
+                assert_ne!(flags & !(FLAG_FUA | FLAG_REPLICA | FLAG_RESYNC), 0);
+            }
+            Err(ProtoError::ResyncWithoutReplica { flags: found }) => {
+                assert_eq!(found, flags);
+                assert_eq!(flags & (FLAG_REPLICA | FLAG_RESYNC), FLAG_RESYNC);
+            }
+            Err(other) => panic!("flags {flags:#04x}: {other}"),
+        }
+    }
+    assert_eq!(accepted, [0, 1, 2, 3, 6, 7]);
+}
+
 #[test]
 fn rejects_reserved_bytes() {
     assert_eq!(

@@ -19,5 +19,5 @@ pub use endpoint::{
 pub use error::QuicError;
 pub use identity::TlsPaths;
 pub use identity::{PeerIdentity, TlsIdentity};
-pub use quinn::{ConnectError, RecvStream, SendStream, VarInt};
+pub use quinn::{ConnectError, ReadExactError, RecvStream, SendStream, VarInt};
 pub use transport::{Alpn, TransportTuning};
