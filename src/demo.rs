@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use tessera_driver::nbd::{Export, Listen, Listener};
+use tessera_driver::nbd::{Export, Limits, Listen, Listener};
 use tessera_driver::{Client, MgmtServer};
 use tessera_net::proto::{AdminCommand, MgmtReply, MgmtRequest, Refusal};
 use tessera_net::quic::TlsIdentity;
@@ -180,7 +180,7 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
         .with_context(|| format!("cannot listen on {}", command.nbd))?;
     let uri = listener.uri(VOLUME)?;
     let export = Arc::new(Export::new(VOLUME.into(), volume));
-    let serving = tokio::spawn(listener.run(export));
+    let serving = tokio::spawn(listener.run(export, Limits::default()));
     println!("\nvolume {VOLUME} is served over NBD at {uri}");
     println!("  nbdinfo {uri}");
     println!("  qemu-img info {uri}");
@@ -240,7 +240,7 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
     }
     println!("\nserving until Ctrl-C");
     tokio::select! {
-        served = serving => served.context("NBD server stopped")?.context("NBD listener failed")?,
+        served = serving => served.context("NBD server stopped")?,
         signal = shutdown_signal() => signal?,
     }
     endpoint.close();

@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use tessera_driver::nbd::{Export, Listen, Listener};
+use tessera_driver::nbd::{Export, Limits, Listen, Listener};
 use tessera_driver::{Client, MgmtServer};
 use tessera_net::proto::Role;
 use tessera_net::quic::TlsPaths;
@@ -33,6 +34,15 @@ pub struct NbdCommand {
     /// share this frontend on a machine with cores to spare.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Clients served at once; more are closed as soon as they connect.
+    /// Keep it below the open-file limit (ulimit -n).
+    #[arg(long, default_value_t = Limits::default().max_connections,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    max_connections: usize,
+    /// Milliseconds a client may take from connecting to choosing an export.
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    handshake_timeout_ms: u64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -70,8 +80,12 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
             listener.uri(&command.volume)?
         );
         let export = Arc::new(Export::new(command.volume, volume));
+        let limits = Limits {
+            handshake_timeout: Duration::from_millis(command.handshake_timeout_ms),
+            max_connections: command.max_connections,
+        };
         tokio::select! {
-            served = listener.run(export) => served.context("NBD listener failed")?,
+            () = listener.run(export, limits) => {}
             signal = shutdown_signal() => signal?,
         }
         Ok(())

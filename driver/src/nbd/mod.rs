@@ -7,4 +7,4 @@
 pub mod proto;
 pub mod server;
 
-pub use server::{Export, Listen, Listener, serve};
+pub use server::{Export, Limits, Listen, Listener, serve};

@@ -61,6 +61,8 @@ pub enum NbdError {
     BadMagic { found: u64 },
     #[error("client does not speak fixed newstyle (flags {flags:#x})")]
     NotFixedNewstyle { flags: u32 },
+    #[error("client sent unknown handshake flags {unknown:#x}")]
+    UnknownClientFlags { unknown: u32 },
     #[error("option of {length} bytes is over the limit of {MAX_OPTION_LEN}")]
     OptionTooLong { length: u32 },
     #[error("malformed option data: {reason}")]
@@ -69,6 +71,19 @@ pub enum NbdError {
     UnknownCommand { found: u16 },
     #[error("request of {length} bytes is over the limit of {MAX_REQUEST_LEN}")]
     RequestTooLarge { length: u32 },
+}
+
+/// The client's handshake flags; `Ok(true)` when it asked for no zero
+/// padding. Unknown bits end the connection, as the protocol requires.
+pub fn parse_client_flags(flags: u32) -> Result<bool, NbdError> {
+    let unknown = flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
+    if unknown != 0 {
+        return Err(NbdError::UnknownClientFlags { unknown });
+    }
+    if flags & CLIENT_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::NotFixedNewstyle { flags });
+    }
+    Ok(flags & CLIENT_NO_ZEROES != 0)
 }
 
 /// A client option header (the data follows).
@@ -215,6 +230,27 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn client_flags_with_unknown_bits_are_refused() {
+        assert_eq!(parse_client_flags(CLIENT_FIXED_NEWSTYLE), Ok(false));
+        assert_eq!(
+            parse_client_flags(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES),
+            Ok(true)
+        );
+        assert_eq!(
+            parse_client_flags(CLIENT_FIXED_NEWSTYLE | 1 << 2),
+            Err(NbdError::UnknownClientFlags { unknown: 1 << 2 })
+        );
+        assert_eq!(
+            parse_client_flags(u32::MAX),
+            Err(NbdError::UnknownClientFlags { unknown: !3 })
+        );
+        assert_eq!(
+            parse_client_flags(CLIENT_NO_ZEROES),
+            Err(NbdError::NotFixedNewstyle { flags: 2 })
+        );
+    }
 
     fn request(kind: u16, length: u32) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];

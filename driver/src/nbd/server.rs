@@ -4,10 +4,12 @@
 //! served by read-modify-write.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tessera_net::log_limit::LogLimit;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::proto::*;
 use crate::{DriverError, Volume};
@@ -36,6 +38,10 @@ pub struct Export {
 
 /// Payload memory all NBD requests together may hold.
 const IO_BUDGET: usize = 256 << 20;
+/// Payload memory one connection's requests and queued replies may hold
+/// (at least one request of the largest size, plus its unaligned edges).
+pub const CONNECTION_BUDGET: usize = 128 << 20;
+const _: () = assert!(CONNECTION_BUDGET >= MAX_REQUEST_LEN as usize + 2 * BLOCK as usize);
 
 impl Export {
     pub fn new(name: String, volume: Volume) -> Self {
@@ -55,6 +61,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("protocol: {0}")]
     Protocol(#[from] NbdError),
+    #[error("no export chosen within {after:?}")]
+    HandshakeTimeout { after: Duration },
 }
 
 fn transmission_flags() -> u16 {
@@ -66,15 +74,46 @@ fn transmission_flags() -> u16 {
         | TX_CAN_MULTI_CONN
 }
 
+/// How much of the frontend one client, or a crowd of them, may hold.
+/// NBD has no authentication: anyone who can connect is a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest a client may take from connecting to choosing an export.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 256,
+        }
+    }
+}
+
 /// Serve one client connection until it disconnects.
-pub async fn serve<S>(stream: S, export: Arc<Export>) -> Result<(), ServeError>
+pub async fn serve<S>(
+    stream: S,
+    export: Arc<Export>,
+    handshake_timeout: Duration,
+) -> Result<(), ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(SOCKET_BUFFER, reader);
     let mut writer = BufWriter::with_capacity(SOCKET_BUFFER, writer);
-    if !handshake(&mut reader, &mut writer, &export).await? {
+    let chosen = tokio::time::timeout(
+        handshake_timeout,
+        handshake(&mut reader, &mut writer, &export),
+    )
+    .await
+    .map_err(|_| ServeError::HandshakeTimeout {
+        after: handshake_timeout,
+    })?;
+    if !chosen? {
         return Ok(());
     }
     transmission(reader, writer, export).await
@@ -96,14 +135,7 @@ where
         .write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
         .await?;
     writer.flush().await?;
-    let client_flags = reader.read_u32().await?;
-    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
-        return Err(NbdError::NotFixedNewstyle {
-            flags: client_flags,
-        }
-        .into());
-    }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    let no_zeroes = parse_client_flags(reader.read_u32().await?)?;
     loop {
         let mut header = [0u8; 16];
         reader.read_exact(&mut header).await?;
@@ -116,7 +148,9 @@ where
                 // No error reply is possible here: an unknown name just closes.
                 let name = String::from_utf8_lossy(&data);
                 if !name.is_empty() && name != export.name {
-                    warn!(%name, "unknown export");
+                    if let Some(suppressed) = CLIENT_FAULT.allow() {
+                        warn!(%name, suppressed, "unknown export");
+                    }
                     return Ok(false);
                 }
                 writer.write_all(&size.to_be_bytes()).await?;
@@ -224,9 +258,12 @@ where
     // One task writes replies in the order they complete.
     // A reply is its 16-byte header and, for a READ, the data: sent as two
     // parts so the data is never copied behind the header.
-    let (replies, mut outgoing) = mpsc::channel::<([u8; 16], Vec<u8>)>(MAX_IN_FLIGHT);
+    // A reply keeps its request's memory permits until it is written, so a
+    // client that sends reads but never reads the replies stalls its own
+    // connection at CONNECTION_BUDGET instead of filling memory.
+    let (replies, mut outgoing) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
     let writer_task = tokio::spawn(async move {
-        while let Some((header, data)) = outgoing.recv().await {
+        while let Some(Outgoing { header, data, .. }) = outgoing.recv().await {
             writer.write_all(&header).await?;
             writer.write_all(&data).await?;
             if outgoing.is_empty() {
@@ -236,6 +273,7 @@ where
         writer.flush().await?;
         Ok::<(), std::io::Error>(())
     });
+    let connection_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / BLOCK as usize));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
         let mut header = [0u8; REQUEST_LEN];
@@ -259,11 +297,12 @@ where
                 } else {
                     EINVAL
                 };
-                if replies
-                    .send((simple_reply(error, cookie), Vec::new()))
-                    .await
-                    .is_err()
-                {
+                let reply = Outgoing {
+                    header: simple_reply(error, cookie),
+                    data: Vec::new(),
+                    _memory: Vec::new(),
+                };
+                if replies.send(reply).await.is_err() {
                     break Ok(());
                 }
                 continue;
@@ -280,7 +319,18 @@ where
         } else {
             0
         };
-        let Ok(budget) = export.budget.clone().acquire_many_owned(blocks).await else {
+        // This connection's share first, so that a stalled connection
+        // waits without holding any of the shared budget.
+        let memory = tokio::select! {
+            permits = async {
+                let own = connection_budget.clone().acquire_many_owned(blocks).await?;
+                let shared = export.budget.clone().acquire_many_owned(blocks).await?;
+                Ok::<_, tokio::sync::AcquireError>(vec![own, shared])
+            } => permits,
+            // The reply writer failed (the client went away): stop reading.
+            () = replies.closed() => break Ok(()),
+        };
+        let Ok(memory) = memory else {
             break Ok(());
         };
         let payload = if request.command == Command::Write {
@@ -297,9 +347,14 @@ where
         };
         let (export, replies) = (export.clone(), replies.clone());
         tokio::spawn(async move {
-            let reply = execute(&export, request, payload).await;
+            let (header, data) = execute(&export, request, payload).await;
+            let reply = Outgoing {
+                header,
+                data,
+                _memory: memory,
+            };
             let _ = replies.send(reply).await;
-            drop((permit, budget));
+            drop(permit);
         });
     };
     // Let requests in flight finish and their replies go out.
@@ -311,6 +366,13 @@ where
         Err(e) => debug!(error = %e, "reply writer failed"),
     }
     result
+}
+
+/// A reply on its way to the client, with the memory permits of its request.
+struct Outgoing {
+    header: [u8; 16],
+    data: Vec<u8>,
+    _memory: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 fn errno(e: &DriverError, write: bool) -> u32 {
@@ -389,7 +451,9 @@ async fn execute(export: &Export, request: Request, payload: Vec<u8>) -> ([u8; 1
     match outcome {
         Ok(data) => (simple_reply(0, request.cookie), data),
         Err(e) => {
-            warn!(command = ?request.command, offset, len, error = %e, "request failed");
+            if let Some(suppressed) = REQUEST_FAILED.allow() {
+                warn!(command = ?request.command, offset, len, error = %e, suppressed, "request failed");
+            }
             let error = errno(&e, request.command != Command::Read);
             (simple_reply(error, request.cookie), Vec::new())
         }
@@ -511,29 +575,71 @@ impl Listener {
         })
     }
 
-    /// Accept clients forever, each served on its own task.
-    pub async fn run(self, export: Arc<Export>) -> std::io::Result<()> {
+    /// Accept clients forever, each served on its own task, at most
+    /// `limits.max_connections` at once. A failed accept (out of file
+    /// descriptors, say) is logged and retried after a pause: it never ends
+    /// the listener.
+    pub async fn run(self, export: Arc<Export>, limits: Limits) {
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
         loop {
+            let accepted = match &self {
+                Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+                Listener::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                    let _ = s.set_nodelay(true);
+                    debug!(%peer, "NBD client connected");
+                    Accepted::Tcp(s)
+                }),
+            };
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                        warn!(error = %e, suppressed, "NBD accept failed; retrying in {ACCEPT_BACKOFF:?}");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if let Some(suppressed) = CONNECTION_REFUSED.allow() {
+                    warn!(
+                        max = limits.max_connections,
+                        suppressed, "NBD connection closed: the frontend serves its maximum"
+                    );
+                }
+                continue;
+            };
             let export = export.clone();
-            match &self {
-                Listener::Unix(l, _) => {
-                    let (stream, _) = l.accept().await?;
-                    tokio::spawn(log_end(serve(stream, export)));
+            tokio::spawn(async move {
+                let ended = match stream {
+                    Accepted::Unix(s) => serve(s, export, limits.handshake_timeout).await,
+                    Accepted::Tcp(s) => serve(s, export, limits.handshake_timeout).await,
+                };
+                drop(slot);
+                match ended {
+                    Ok(()) => debug!("NBD client disconnected"),
+                    Err(e) => {
+                        if let Some(suppressed) = CLIENT_FAULT.allow() {
+                            warn!(error = %e, suppressed, "NBD connection ended");
+                        }
+                    }
                 }
-                Listener::Tcp(l) => {
-                    let (stream, peer) = l.accept().await?;
-                    let _ = stream.set_nodelay(true);
-                    info!(%peer, "NBD client connected");
-                    tokio::spawn(log_end(serve(stream, export)));
-                }
-            }
+            });
         }
     }
 }
 
-async fn log_end(connection: impl Future<Output = Result<(), ServeError>>) {
-    match connection.await {
-        Ok(()) => debug!("NBD client disconnected"),
-        Err(e) => warn!(error = %e, "NBD connection ended"),
-    }
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
 }
+
+/// The pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Warnings any client can cause at will, limited (`suppressed` counts the
+/// lines held back since the last one).
+static ACCEPT_FAILED: LogLimit = LogLimit::new(5, Duration::from_secs(10));
+static CONNECTION_REFUSED: LogLimit = LogLimit::new(5, Duration::from_secs(10));
+static CLIENT_FAULT: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+static REQUEST_FAILED: LogLimit = LogLimit::new(10, Duration::from_secs(10));
