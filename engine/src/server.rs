@@ -271,10 +271,9 @@ pub struct Service {
     budget: tokio::sync::Semaphore,
 }
 
-/// Warnings any peer can cause at will, limited (`suppressed` counts the
-/// lines held back since the last one).
+/// Warnings any peer can cause at will are limited (`suppressed` counts
+/// the lines held back since the last one).
 static MALFORMED: LogLimit = LogLimit::new(10, std::time::Duration::from_secs(10));
-static HANDSHAKE_REFUSED: LogLimit = LogLimit::new(10, std::time::Duration::from_secs(10));
 
 /// Payload memory all requests together may hold.
 const IO_BUDGET: usize = 256 << 20;
@@ -298,17 +297,10 @@ pub async fn serve(service: Rc<Service>, endpoint: Endpoint) {
     while let Some(handshake) = endpoint.accept().await {
         let store = service.clone();
         tokio_uring::spawn(async move {
-            let remote = handshake.remote_address();
-            match handshake.finish().await {
-                Ok(conn) => {
-                    debug!(peer = %conn.peer(), %remote, alpn = ?conn.alpn(), "connected");
-                    serve_connection(store, conn).await;
-                }
-                Err(e) => {
-                    if let Some(suppressed) = HANDSHAKE_REFUSED.allow() {
-                        warn!(%remote, error = %e, suppressed, "handshake refused");
-                    }
-                }
+            // A refusal is logged by `finish`.
+            if let Ok(conn) = handshake.finish().await {
+                debug!(peer = %conn.peer(), remote = %conn.remote_address(), alpn = ?conn.alpn(), "connected");
+                serve_connection(store, conn).await;
             }
         });
     }

@@ -160,10 +160,9 @@ async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Request>, last_seen: L
         let tx = tx.clone();
         let last_seen = last_seen.clone();
         tokio::spawn(async move {
-            let remote = handshake.remote_address();
-            match handshake.finish().await {
-                Ok(conn) => serve_connection(conn, tx, last_seen).await,
-                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+            // A refusal is logged by `finish`.
+            if let Ok(conn) = handshake.finish().await {
+                serve_connection(conn, tx, last_seen).await;
             }
         });
     }

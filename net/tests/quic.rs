@@ -442,3 +442,51 @@ fn invalid_names_are_refused() {
         );
     }
 }
+
+/// A server keeps at most `max_connections` open: a peer knocking beyond
+/// that is refused before its handshake, and a place that frees up is
+/// taken again.
+#[tokio::test]
+async fn connections_over_the_maximum_are_refused() {
+    let ca = ClusterCa::generate("test", DAYS).unwrap();
+    let tuning = TransportTuning {
+        max_connections: 2,
+        ..TransportTuning::default()
+    };
+    let server_id = identity(&ca, Role::Mgmt, "mgmt-1");
+    let endpoint =
+        Endpoint::bind(LOOPBACK.parse().unwrap(), &server_id, &tuning, &Alpn::ALL).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(handshake) = endpoint.accept().await {
+            tokio::spawn(async move {
+                if let Ok(conn) = handshake.finish().await {
+                    serve_connection(conn, None).await;
+                }
+            });
+        }
+    });
+    let id = identity(&ca, Role::Admin, "ops");
+    let dial = || async {
+        let conn = client(&id)
+            .connect(addr, "mgmt-1", Alpn::Mgmt, Role::Mgmt)
+            .await?;
+        conn.mgmt(&MgmtRequest::Ping).await?;
+        Ok::<_, QuicError>(conn)
+    };
+    let first = dial().await.unwrap();
+    let _second = dial().await.unwrap();
+    let refused = dial().await.unwrap_err();
+    assert!(matches!(refused, QuicError::Connection(_)), "{refused}");
+    first.close();
+    // The server notices the close, then has room again.
+    let mut again = dial().await;
+    for _ in 0..50 {
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        again = dial().await;
+    }
+    again.unwrap();
+}

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -15,6 +16,7 @@ use tracing::{debug, warn};
 
 use super::transport::{client_config, server_config};
 use super::{Alpn, PeerIdentity, QuicError, TlsIdentity, TransportTuning};
+use crate::log_limit::LogLimit;
 use crate::proto::{
     self, MgmtReply, MgmtRequest, REPLY_HEADER_LEN, REQUEST_HEADER_LEN, Refusal, Reply, Request,
     Role, Status,
@@ -27,6 +29,8 @@ pub struct Endpoint {
     inner: quinn::Endpoint,
     data_client: quinn::ClientConfig,
     mgmt_client: quinn::ClientConfig,
+    max_connections: usize,
+    handshake_timeout: Duration,
 }
 
 impl Endpoint {
@@ -65,6 +69,8 @@ impl Endpoint {
             inner,
             data_client: client_config(identity, tuning, Alpn::Data)?,
             mgmt_client: client_config(identity, tuning, Alpn::Mgmt)?,
+            max_connections: tuning.max_connections as usize,
+            handshake_timeout: Duration::from_millis(tuning.handshake_timeout_ms),
         })
     }
 
@@ -92,11 +98,26 @@ impl Endpoint {
 
     /// The next incoming connection; `None` once the endpoint is closed.
     /// Finish the handshake in its own task so that one slow peer holds up no other.
+    /// Beyond `max_connections` open connections a peer is refused at once.
     pub async fn accept(&self) -> Option<Handshake> {
-        self.inner
-            .accept()
-            .await
-            .map(|incoming| Handshake { incoming })
+        loop {
+            let incoming = self.inner.accept().await?;
+            if self.inner.open_connections() < self.max_connections {
+                return Some(Handshake {
+                    incoming,
+                    timeout: self.handshake_timeout,
+                });
+            }
+            if let Some(suppressed) = CONNECTIONS_FULL.allow() {
+                warn!(
+                    remote = %incoming.remote_address(),
+                    max = self.max_connections,
+                    suppressed,
+                    "connection refused: the server has its maximum open"
+                );
+            }
+            incoming.refuse();
+        }
     }
 
     /// Dial `server_name` at `addr` and check that it holds `expected_role`.
@@ -134,6 +155,12 @@ impl Endpoint {
         self.inner.wait_idle().await;
     }
 }
+
+/// Warnings any peer can cause at will, limited (`suppressed` counts the
+/// lines held back since the last one).
+static CONNECTIONS_FULL: LogLimit = LogLimit::new(5, Duration::from_secs(10));
+static HANDSHAKE_REFUSED: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+static MALFORMED_MGMT: LogLimit = LogLimit::new(10, Duration::from_secs(10));
 
 const CLOSE_SHUTDOWN: quinn::VarInt = quinn::VarInt::from_u32(0);
 const CLOSE_WRONG_ROLE: quinn::VarInt = quinn::VarInt::from_u32(1);
@@ -182,6 +209,7 @@ fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, QuicError> {
 #[derive(Debug)]
 pub struct Handshake {
     incoming: quinn::Incoming,
+    timeout: Duration,
 }
 
 impl Handshake {
@@ -191,8 +219,24 @@ impl Handshake {
 
     /// Complete the handshake. A peer without a certificate from the cluster
     /// CA fails here and never reaches a service.
+    /// A refusal is logged here (rate-limited: any peer can cause it).
     pub async fn finish(self) -> Result<PeerConnection, QuicError> {
-        let conn = self.incoming.await?;
+        let remote = self.incoming.remote_address();
+        let finished = self.complete().await;
+        if let Err(e) = &finished
+            && let Some(suppressed) = HANDSHAKE_REFUSED.allow()
+        {
+            warn!(%remote, error = %e, suppressed, "handshake refused");
+        }
+        finished
+    }
+
+    async fn complete(self) -> Result<PeerConnection, QuicError> {
+        let conn = tokio::time::timeout(self.timeout, self.incoming)
+            .await
+            .map_err(|_| QuicError::HandshakeTimeout {
+                after: self.timeout,
+            })??;
         let peer = peer_identity(&conn)?;
         let alpn = conn
             .handshake_data()
@@ -387,14 +431,18 @@ where
     let reply = match read_frame::<MgmtRequest>(&mut recv).await {
         Ok(request) if request.permits(peer.role) => handler(request).await,
         Ok(request) => {
-            warn!(%peer, operation = request.operation(), "refused: role not permitted");
+            if let Some(suppressed) = MALFORMED_MGMT.allow() {
+                warn!(%peer, operation = request.operation(), suppressed, "refused: role not permitted");
+            }
             MgmtReply::Refused(Refusal::Forbidden {
                 role: peer.role,
                 operation: request.operation().to_string(),
             })
         }
         Err(QuicError::Proto(e)) => {
-            warn!(%peer, error = %e, "malformed management request");
+            if let Some(suppressed) = MALFORMED_MGMT.allow() {
+                warn!(%peer, error = %e, suppressed, "malformed management request");
+            }
             MgmtReply::Refused(Refusal::BadRequest {
                 reason: e.to_string(),
             })

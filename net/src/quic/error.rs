@@ -46,6 +46,9 @@ pub enum QuicError {
         found: Role,
         expected: Role,
     },
+    /// An incoming connection did not finish its handshake in time.
+    #[error("handshake not finished within {after:?}")]
+    HandshakeTimeout { after: std::time::Duration },
     /// A connection could not be started.
     #[error("connect: {0}")]
     Connect(#[from] quinn::ConnectError),

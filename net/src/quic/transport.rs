@@ -73,6 +73,11 @@ pub struct TransportTuning {
     /// At 6500 a 4 KiB request or reply fits one packet, so the peer does
     /// not answer each with an ACK of its own. Capped at [`MAX_MTU`].
     pub max_mtu: u16,
+    /// Connections a server keeps open at once (both directions); a peer
+    /// knocking beyond that is refused before its handshake.
+    pub max_connections: u32,
+    /// The longest (ms) an incoming connection may take to finish its handshake.
+    pub handshake_timeout_ms: u64,
 }
 
 /// quinn sends up to 10 packets in one GSO datagram, which must stay under
@@ -92,6 +97,8 @@ impl Default for TransportTuning {
             socket_send_buffer: 8 << 20,
             initial_mtu: 1452,
             max_mtu: MAX_MTU,
+            max_connections: 4096,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
