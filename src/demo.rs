@@ -16,7 +16,7 @@ use tessera_net::quic::certs::CA_CERT_FILE;
 use tessera_net::units::ByteSize;
 
 use crate::local::LocalCluster;
-use crate::runtime::shutdown_signal;
+use crate::runtime::Shutdown;
 
 const STORAGE: [&str; 3] = ["store-1", "store-2", "store-3"];
 const VOLUME: &str = "demo";
@@ -238,10 +238,11 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
         endpoint.close();
         return Ok(());
     }
+    let shutdown = Shutdown::watch()?;
     println!("\nserving until Ctrl-C");
     tokio::select! {
         served = serving => served.context("NBD server stopped")?,
-        signal = shutdown_signal() => signal?,
+        () = shutdown.wait() => {}
     }
     endpoint.close();
     Ok(())

@@ -1,5 +1,6 @@
 //! `tessera`: the one command-line binary of the Tessera block storage system.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -133,11 +134,25 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the error and its causes, outermost first.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line: the error and its causes, outermost first. A cause whose text
+/// the line already holds (errors that print their source, and return it
+/// too) is not repeated.
+fn render(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -182,6 +197,12 @@ fn cert_issue(args: CertIssue) -> anyhow::Result<()> {
         .issue(args.role, &args.name, args.days)
         .context("cannot issue the certificate")?;
     let out = args.out.as_deref().unwrap_or(&args.dir);
+    // Keys go in: a new directory is the holder's alone.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
     let (cert, key) = issued
         .save(out, &args.name)
         .context("cannot save the certificate")?;
@@ -193,4 +214,27 @@ fn cert_issue(args: CertIssue) -> anyhow::Result<()> {
         key.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let os = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let engine = tessera_engine::error::EngineError::Io {
+            op: "open",
+            path: "/srv/x.img".into(),
+            source: os,
+        };
+        let error = anyhow::Error::new(engine).context("cannot start");
+        assert_eq!(
+            render(&error),
+            "cannot start: open /srv/x.img: No such file or directory (os error 2)"
+        );
+        // A cause the message lacks is still shown.
+        let error = anyhow::anyhow!("inner detail").context("outer");
+        assert_eq!(render(&error), "outer: inner detail");
+    }
 }

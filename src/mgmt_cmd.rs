@@ -8,7 +8,7 @@ use clap::Args;
 use tessera_mgmt::server::{self, MgmtConfig};
 use tessera_net::proto::Role;
 
-use crate::runtime::shutdown_signal;
+use crate::runtime::Shutdown;
 use crate::tls::TlsArgs;
 
 /// Run the management server: `tessera mgmt --state DIR --listen ADDR ...`.
@@ -54,11 +54,9 @@ pub fn run(command: MgmtCommand) -> anyhow::Result<()> {
         );
     }
     let runtime = crate::runtime::current_thread()?;
-    runtime.block_on(server::run(config, identity, async {
-        if let Err(e) = shutdown_signal().await {
-            tracing::error!(error = %e, "no signal handling");
-            std::future::pending::<()>().await;
-        }
-    }))?;
-    Ok(())
+    runtime.block_on(async {
+        let shutdown = Shutdown::watch()?;
+        server::run(config, identity, shutdown.wait()).await?;
+        Ok(())
+    })
 }

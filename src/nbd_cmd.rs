@@ -11,7 +11,7 @@ use tessera_driver::{Client, MgmtServer};
 use tessera_net::proto::Role;
 use tessera_net::quic::TlsPaths;
 
-use crate::runtime::shutdown_signal;
+use crate::runtime::Shutdown;
 use crate::tls::TlsArgs;
 
 /// Serve a volume over NBD (to qemu, nbdcopy, nbdinfo, fio, nbd-client).
@@ -74,6 +74,7 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
         let listener = Listener::bind(&command.listen)
             .await
             .with_context(|| format!("cannot listen on {}", command.listen))?;
+        let shutdown = Shutdown::watch()?;
         println!(
             "tessera nbd {} serving on {}",
             command.volume,
@@ -86,7 +87,7 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
         };
         tokio::select! {
             () = listener.run(export, limits) => {}
-            signal = shutdown_signal() => signal?,
+            () = shutdown.wait() => {}
         }
         Ok(())
     })

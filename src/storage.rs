@@ -109,6 +109,10 @@ impl StorageArgs {
             config.metrics_listen = Some(metrics);
         }
         self.tls.apply(&mut config.tls)?;
+        config.validate().with_context(|| match &self.config {
+            Some(path) => format!("invalid setting in {} or its flag", path.display()),
+            None => "invalid setting".to_string(),
+        })?;
         Ok(config)
     }
 }
@@ -159,8 +163,18 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let identity = storage_identity(&config)?;
     tokio_uring::start(async {
+        // Sockets first: a start that fails on them creates no data file.
+        let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &Alpn::ALL)
+            .with_context(|| format!("cannot serve on {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(listen) => Some(
+                tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {listen}"))?,
+            ),
+            None => None,
+        };
         let store = server::open_store(&config, &identity, FormatPolicy::IfBlank).await?;
-        let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &Alpn::ALL)?;
         let replication = Replication::new(
             identity.me().name.clone(),
             store.superblock().geometry.region_size,
@@ -176,14 +190,7 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
         let service = Rc::new(Service::new(store, replication));
         let addr = endpoint.local_addr()?;
         info!(name = %identity.me().name, %addr, data = %config.data.display(), "serving");
-        let metrics_listener = match config.metrics_listen {
-            Some(listen) => Some(
-                tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("cannot serve metrics on {listen}"))?,
-            ),
-            None => None,
-        };
+        let shutdown = crate::runtime::Shutdown::watch()?;
         server::announce(&identity.me().name, "serving on", addr);
         if let Some(listener) = metrics_listener {
             let bound = listener.local_addr()?;
@@ -203,7 +210,7 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
             };
             tokio_uring::spawn(report_loop(service.clone(), endpoint.clone(), target));
         }
-        crate::runtime::shutdown_signal().await?;
+        shutdown.wait().await;
         info!("shutting down");
         endpoint.close();
         service.store.flush().await?;

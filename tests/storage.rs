@@ -669,3 +669,29 @@ async fn metrics_count_requests_bytes_and_refusals() {
     let (reply, _) = read(&conn, 1, EPOCH, 0, 4096).await;
     assert_eq!(reply.status, Status::Ok);
 }
+
+/// Settings fixed at format time that differ from an existing data file's
+/// are not silently dropped: the file's values are used and the log says so.
+#[tokio::test]
+async fn settings_fixed_at_format_time_say_the_file_wins() {
+    let cluster = TestCluster::new();
+    let mut server = StorageProc::start(&cluster, "store-1", "64M", &[]);
+    assert!(server.stop().success());
+    let config = cluster.path("later.toml");
+    std::fs::write(&config, "slot_size = \"2M\"\nregion_size = \"128K\"\n").unwrap();
+    let mut server = StorageProc::start(
+        &cluster,
+        "store-1",
+        "64M",
+        &["--config", config.to_str().unwrap()],
+    );
+    assert!(server.stop().success());
+    let log = server.log();
+    for line in [
+        "slot_size: the data file was formatted with 1 MiB, which is used; the setting (2 MiB) applies to new data files only",
+        "region_size: the data file was formatted with 64 KiB, which is used; the setting (128 KiB) applies to new data files only",
+    ] {
+        assert!(log.contains(line), "no {line:?} in\n{log}");
+    }
+    assert!(!log.contains("max_volumes:"), "{log}");
+}

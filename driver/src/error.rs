@@ -1,5 +1,6 @@
 use tessera_net::proto::{Refusal, Status};
 use tessera_net::quic::QuicError;
+use tessera_net::units::ByteSize;
 
 /// What an application sees when a volume operation fails.
 #[derive(Debug, thiserror::Error)]
@@ -11,7 +12,7 @@ pub enum DriverError {
     #[error("volume {volume} unavailable: {reason}")]
     Unavailable { volume: String, reason: String },
     /// The range lies (partly) past the end of the volume.
-    #[error("range {offset}+{len} is past the end of the volume ({size} bytes)")]
+    #[error("range {offset}+{len} is past the end of the volume ({})", ByteSize(*size))]
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// Offsets and lengths must be multiples of the block size.
     #[error("offset {offset} and length {len} must be multiples of {block}")]

@@ -8,7 +8,9 @@ use tessera_net::quic::{TlsPaths, TransportTuning};
 use tessera_net::units::ByteSize;
 
 use crate::error::EngineError;
-use crate::format::{DEFAULT_MAX_VOLUMES, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE};
+use crate::format::{
+    BLOCK, DEFAULT_MAX_VOLUMES, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE, Geometry, MAX_REGION_SIZE,
+};
 use crate::io::IoEngine;
 
 /// Settings of `tessera storage`; the file is TOML, command-line flags override it.
@@ -87,6 +89,9 @@ impl Default for StorageConfig {
     }
 }
 
+/// The most volumes a data file's table may be formatted for.
+pub const MAX_MAX_VOLUMES: u32 = 1 << 16;
+
 impl StorageConfig {
     pub fn load(path: &Path) -> Result<Self, EngineError> {
         let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
@@ -94,20 +99,98 @@ impl StorageConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| EngineError::Config {
-            reason: format!("{}: {}", path.display(), e.message()),
+        toml::from_str(&text).map_err(|e| {
+            let at = e.span().map_or(0, |span| span.start);
+            let before = text.get(..at).unwrap_or(&text);
+            EngineError::ConfigFile {
+                path: path.to_path_buf(),
+                line: before.matches('\n').count() + 1,
+                column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                reason: e.message().to_string(),
+            }
         })
     }
 
+    /// Check every setting before anything is created or opened, so that
+    /// a bad value leaves no file behind.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let invalid = |setting: &'static str, value: String, reason: String| {
+            Err(EngineError::InvalidSetting {
+                setting,
+                value,
+                reason,
+            })
+        };
+        let slot = self.slot_size()?;
+        if !slot.is_power_of_two() || u64::from(slot) < BLOCK {
+            return invalid(
+                "slot_size",
+                self.slot_size.to_string(),
+                format!(
+                    "must be a power of two of at least {}, such as \"1M\"",
+                    ByteSize(BLOCK)
+                ),
+            );
+        }
+        let region = self.region_size()?;
+        if !region.is_power_of_two() || u64::from(region) < BLOCK || region > MAX_REGION_SIZE {
+            return invalid(
+                "region_size",
+                self.region_size.to_string(),
+                format!(
+                    "must be a power of two from {} to {}, such as \"64K\"",
+                    ByteSize(BLOCK),
+                    ByteSize(u64::from(MAX_REGION_SIZE))
+                ),
+            );
+        }
+        if !(1..=MAX_MAX_VOLUMES).contains(&self.max_volumes) {
+            return invalid(
+                "max_volumes",
+                self.max_volumes.to_string(),
+                format!("must be from 1 to {MAX_MAX_VOLUMES}"),
+            );
+        }
+        if let Err(reason) = Geometry::compute(self.size.0, slot, region, self.max_volumes) {
+            return invalid(
+                "size",
+                self.size.to_string(),
+                format!("{reason}; give a larger size, or a smaller slot_size or max_volumes"),
+            );
+        }
+        for (setting, value) in [
+            ("heartbeat_ms", self.heartbeat_ms),
+            ("forward_timeout_ms", self.forward_timeout_ms),
+            ("clean_interval_ms", self.clean_interval_ms),
+        ] {
+            if value == 0 {
+                return invalid(setting, "0".into(), "must be at least 1".into());
+            }
+        }
+        if self.resync_rate.0 < BLOCK {
+            return invalid(
+                "resync_rate",
+                self.resync_rate.to_string(),
+                format!("must be at least {} per second", ByteSize(BLOCK)),
+            );
+        }
+        self.transport.validate()?;
+        Ok(())
+    }
+
     pub fn region_size(&self) -> Result<u32, EngineError> {
-        u32::try_from(self.region_size.0).map_err(|_| EngineError::Config {
-            reason: format!("region size {} is too large", self.region_size),
+        u32::try_from(self.region_size.0).map_err(|_| EngineError::InvalidSetting {
+            setting: "region_size",
+            value: self.region_size.to_string(),
+            reason: format!("must be at most {}", ByteSize(u64::from(MAX_REGION_SIZE))),
         })
     }
 
     pub fn slot_size(&self) -> Result<u32, EngineError> {
-        u32::try_from(self.slot_size.0).map_err(|_| EngineError::Config {
-            reason: format!("slot size {} is too large", self.slot_size),
+        u32::try_from(self.slot_size.0).map_err(|_| EngineError::InvalidSetting {
+            setting: "slot_size",
+            value: self.slot_size.to_string(),
+            reason: "must be under 4 GiB".into(),
         })
     }
 }
@@ -127,6 +210,34 @@ mod tests {
         assert_eq!(config.io_engine, IoEngine::Std);
         assert_eq!(config.transport.idle_timeout_ms, 5000);
         assert_eq!(config.max_volumes, DEFAULT_MAX_VOLUMES);
+    }
+
+    #[test]
+    fn every_bad_value_is_named_with_its_setting() {
+        let defaults = StorageConfig::default();
+        defaults.validate().unwrap();
+        type Spoil = fn(&mut StorageConfig);
+        let cases: [(&str, Spoil); 10] = [
+            ("slot_size", |c| c.slot_size = ByteSize(3 << 10)),
+            ("slot_size", |c| c.slot_size = ByteSize(8 << 30)),
+            ("region_size", |c| c.region_size = ByteSize(1 << 10)),
+            ("region_size", |c| c.region_size = ByteSize(32 << 20)),
+            ("max_volumes", |c| c.max_volumes = 0),
+            ("max_volumes", |c| c.max_volumes = u32::MAX),
+            ("size", |c| c.size = ByteSize(4096)),
+            ("heartbeat_ms", |c| c.heartbeat_ms = 0),
+            ("resync_rate", |c| c.resync_rate = ByteSize(0)),
+            ("transport.keep_alive_ms", |c| c.transport.keep_alive_ms = 0),
+        ];
+        for (setting, spoil) in cases {
+            let mut config = defaults.clone();
+            spoil(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{setting} = ")),
+                "{setting}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use tessera_net::proto::{Epoch, VolumeId};
 use tessera_net::quic::QuicError;
+use tessera_net::units::ByteSize;
 
 /// Everything the storage server can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +50,28 @@ pub enum EngineError {
         expected: String,
         found: String,
     },
-    /// The device is too small for the metadata and one data slot.
-    #[error("device of {size} bytes is too small: at least {minimum} bytes are needed")]
-    TooSmall { size: u64, minimum: u64 },
+    /// The file or device cannot hold even a superblock.
+    #[error("{} is {}, too small to be a Tessera data file (at least {} is needed); give a larger --size for a new file, or another device", path.display(), ByteSize(*size), ByteSize(*minimum))]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        minimum: u64,
+    },
+    /// A setting has a value the server cannot use.
+    #[error("{setting} = {value}: {reason}")]
+    InvalidSetting {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The config file does not parse.
+    #[error("config file {}, line {line}, column {column}: {reason}", path.display())]
+    ConfigFile {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
     /// Invalid geometry or configuration value.
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
@@ -82,7 +102,7 @@ pub enum EngineError {
     #[error("volume {volume} has data in pages {pages} that the new map takes from this server")]
     WouldLoseData { volume: VolumeId, pages: String },
     /// The device is smaller than when it was formatted.
-    #[error("{}: device has {now} bytes but was formatted with {formatted}", path.display())]
+    #[error("{} is {} but was formatted with {}: it was truncated or replaced; restore the file, or wipe it with `tessera storage format --force` and let the mirrors resync it", path.display(), ByteSize(*now), ByteSize(*formatted))]
     DeviceShrunk {
         path: PathBuf,
         formatted: u64,

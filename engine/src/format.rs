@@ -8,6 +8,7 @@
 //! damage the copy being written and the other still holds the previous state.
 
 use tessera_net::proto::{Epoch, VolumeId};
+use tessera_net::units::ByteSize;
 use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -78,7 +79,9 @@ impl Geometry {
     ) -> Result<Self, String> {
         if slot_size == 0 || u64::from(slot_size) % BLOCK != 0 || !slot_size.is_power_of_two() {
             return Err(format!(
-                "slot size {slot_size} must be a power of two multiple of {BLOCK}"
+                "slot size {} must be a power of two multiple of {}",
+                ByteSize(u64::from(slot_size)),
+                ByteSize(BLOCK)
             ));
         }
         if u64::from(region_size) < BLOCK
@@ -86,7 +89,10 @@ impl Geometry {
             || region_size > MAX_REGION_SIZE
         {
             return Err(format!(
-                "region size {region_size} must be a power of two from {BLOCK} to {MAX_REGION_SIZE}"
+                "region size {} must be a power of two from {} to {}",
+                ByteSize(u64::from(region_size)),
+                ByteSize(BLOCK),
+                ByteSize(u64::from(MAX_REGION_SIZE))
             ));
         }
         if max_volumes == 0 {
@@ -105,10 +111,13 @@ impl Geometry {
                 }
                 return if slots == 0 {
                     Err(format!(
-                        "device of {device_size} bytes is too small: at least {} bytes are needed",
-                        Self::layout(device_size, slot_size, region_size, max_volumes, 1)
-                            .data_start
-                            + slot
+                        "{} is too small: at least {} is needed",
+                        ByteSize(device_size),
+                        ByteSize(
+                            Self::layout(device_size, slot_size, region_size, max_volumes, 1)
+                                .data_start
+                                + slot
+                        )
                     ))
                 } else {
                     Ok(g)

@@ -19,6 +19,8 @@ use tessera_net::quic::{
 };
 use tracing::{debug, info, warn};
 
+use tessera_net::units::ByteSize;
+
 use crate::aligned::AlignedBuf;
 use crate::config::StorageConfig;
 use crate::error::EngineError;
@@ -80,26 +82,50 @@ pub enum FormatPolicy {
 /// Open (creating if missing) and lock the data file, so that a second server
 /// on the same file fails instead of corrupting it; the lock lasts as long as
 /// the returned file is open.
-fn open_locked(path: &Path) -> Result<std::fs::File, EngineError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| EngineError::Io {
-            op: "open",
-            path: path.to_path_buf(),
-            source,
-        })?;
+fn open_locked(path: &Path) -> Result<(std::fs::File, RemoveOnFailure), EngineError> {
+    let open = |create_new| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create_new)
+            .mode(0o600)
+            .open(path)
+    };
+    let (file, created) = match open(true) {
+        Ok(file) => (Ok(file), true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (open(false), false),
+        Err(e) => (Err(e), false),
+    };
+    let file = file.map_err(|source| EngineError::Io {
+        op: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
     // SAFETY: plain syscall on an open descriptor.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(EngineError::InUse {
             path: path.to_path_buf(),
         });
     }
-    Ok(file)
+    Ok((file, RemoveOnFailure(created.then(|| path.to_path_buf()))))
+}
+
+/// Removes a data file this start created unless disarmed once the store
+/// is open: a failed start leaves nothing behind.
+struct RemoveOnFailure(Option<std::path::PathBuf>);
+
+impl RemoveOnFailure {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnFailure {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Extend a blank data file to `size`; returns the device size.
@@ -121,7 +147,12 @@ fn prepare(file: &std::fs::File, path: &Path, size: u64) -> Result<u64, EngineEr
         // SAFETY: plain syscall on an open descriptor.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
         if rc != 0 {
-            debug!(error = %std::io::Error::last_os_error(), "fallocate unavailable");
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                debug!(%error, "fallocate unavailable; the file stays sparse");
+            } else {
+                return Err(err("reserve space for")(error));
+            }
         }
         return Ok(size);
     }
@@ -171,9 +202,18 @@ pub async fn open_store(
     identity: &TlsIdentity,
     policy: FormatPolicy,
 ) -> Result<Store<AnyDevice>, EngineError> {
+    config.validate()?;
     let path = &config.data;
-    let lock = open_locked(path)?;
+    let (lock, created) = open_locked(path)?;
     let device_size = prepare(&lock, path, config.size.0)?;
+    let minimum = 2 * u64::from(BLOCK_SIZE);
+    if device_size < minimum {
+        return Err(EngineError::TooSmall {
+            path: path.clone(),
+            size: device_size,
+            minimum,
+        });
+    }
     let dev = open_device(path, config.io_engine)?;
     let cluster_id = identity.cluster_id();
     let me = &identity.me().name;
@@ -226,6 +266,7 @@ pub async fn open_store(
                     "device size differs from the formatted size; using the formatted layout"
                 );
             }
+            note_format_wins(config, path, &sb.geometry);
             sb
         }
         (Err(SuperblockFault::Version(found)), FormatPolicy::IfBlank) => {
@@ -253,7 +294,48 @@ pub async fn open_store(
             sb
         }
     };
-    Store::open(dev, lock, path, superblock).await
+    let store = Store::open(dev, lock, path, superblock).await?;
+    created.disarm();
+    Ok(store)
+}
+
+/// Settings fixed at format time that differ from the data file's: the
+/// file's values are used, and the log says so.
+fn note_format_wins(config: &StorageConfig, path: &Path, formatted: &Geometry) {
+    let size = |bytes: u32| ByteSize(u64::from(bytes)).to_string();
+    let fixed = [
+        (
+            "slot_size",
+            config.slot_size.to_string(),
+            size(formatted.slot_size),
+        ),
+        (
+            "region_size",
+            config.region_size.to_string(),
+            size(formatted.region_size),
+        ),
+        (
+            "max_volumes",
+            config.max_volumes.to_string(),
+            formatted.max_volumes.to_string(),
+        ),
+    ];
+    for (setting, configured, used) in fixed {
+        if configured != used {
+            info!(
+                path = %path.display(),
+                "{setting}: the data file was formatted with {used}, which is used; the setting ({configured}) applies to new data files only"
+            );
+        }
+    }
+    if config.size.0 != formatted.device_size {
+        info!(
+            path = %path.display(),
+            "size: the data file holds {}; the setting ({}) applies to new data files only",
+            ByteSize(formatted.device_size),
+            config.size
+        );
+    }
 }
 
 /// The storage service: the store, and a signal to the report loop that a

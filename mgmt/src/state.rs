@@ -14,6 +14,7 @@ use tessera_net::proto::{
     BLOCK_SIZE, Epoch, MAX_VOLUME_SIZE, MirrorState, Partition, Refusal, Replica, VolumeId,
     VolumeMap,
 };
+use tessera_net::units::ByteSize;
 
 /// Largest page size a volume may have (a request covers at most one page).
 pub const MAX_PAGE_SIZE: u32 = tessera_net::proto::MAX_IO_LEN;
@@ -394,7 +395,10 @@ impl ClusterState {
                     .ok_or_else(|| not_found("volume", name))?;
                 check_size(*size)?;
                 if *size == volume.size {
-                    return Err(invalid(format!("volume {name} already has size {size}")));
+                    return Err(invalid(format!(
+                        "volume {name} already has size {}",
+                        ByteSize(*size)
+                    )));
                 }
                 // Whether a shrink drops written data is the storage servers'
                 // to say: the management server asks them before committing.
@@ -547,7 +551,10 @@ impl ClusterState {
 fn check_size(size: u64) -> Result<(), Refusal> {
     if size == 0 || !size.is_multiple_of(u64::from(BLOCK_SIZE)) || size > MAX_VOLUME_SIZE {
         return Err(invalid(format!(
-            "size {size} must be a positive multiple of {BLOCK_SIZE} up to {MAX_VOLUME_SIZE}"
+            "size {} must be a positive multiple of {} up to {}",
+            ByteSize(size),
+            ByteSize(u64::from(BLOCK_SIZE)),
+            ByteSize(MAX_VOLUME_SIZE)
         )));
     }
     Ok(())

@@ -18,7 +18,7 @@ pub struct SizeError {
     pub reason: &'static str,
 }
 
-const UNITS: [&str; 6] = ["", "K", "M", "G", "T", "P"];
+const UNITS: [&str; 7] = ["", "K", "M", "G", "T", "P", "E"];
 
 impl FromStr for ByteSize {
     type Err = SizeError;
@@ -93,16 +93,33 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(ByteSizeVisitor)
+    }
+}
+
+/// Takes a whole number of bytes or a size string; anything else is
+/// refused with what was expected.
+struct ByteSizeVisitor;
+
+impl serde::de::Visitor<'_> for ByteSizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size: a number of bytes or a string such as \"64K\" or \"10G\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(n))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteSize, E> {
+        u64::try_from(n)
+            .map(ByteSize)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
+        s.parse().map_err(E::custom)
     }
 }
 
@@ -136,10 +153,31 @@ mod tests {
     }
 
     #[test]
+    fn deserializes_numbers_and_strings_and_says_what_else_it_wanted() {
+        #[derive(Debug, Deserialize)]
+        struct Config {
+            size: ByteSize,
+        }
+        let parse = |text: &str| toml::from_str::<Config>(text).map(|c| c.size);
+        assert_eq!(parse("size = 4096").unwrap(), ByteSize(4096));
+        assert_eq!(parse("size = \"64K\"").unwrap(), ByteSize(64 << 10));
+        for bad in ["size = true", "size = -1", "size = [1]"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("expected a size: a number of bytes"),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse("size = \"10X\"").unwrap_err().to_string();
+        assert!(err.contains("invalid size \"10X\": unknown unit"), "{err}");
+    }
+
+    #[test]
     fn prints() {
         assert_eq!(ByteSize(512).to_string(), "512 B");
         assert_eq!(ByteSize(10 << 30).to_string(), "10 GiB");
         assert_eq!(ByteSize(3 << 29).to_string(), "1.5 GiB");
+        assert_eq!(ByteSize(1 << 60).to_string(), "1 EiB");
         let s = ByteSize(10 << 30).to_string().replace(' ', "");
         assert_eq!(s.parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
     }

@@ -46,6 +46,23 @@ pub enum QuicError {
         found: Role,
         expected: Role,
     },
+    /// A transport setting has a value that cannot be used.
+    #[error("{setting} = {value}: {reason}")]
+    InvalidSetting {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// The private key does not belong to the certificate.
+    #[error("the key {} does not belong to the certificate {}; issue a new pair with `tessera cert issue`", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    /// The certificate is not one the cluster CA vouches for now.
+    #[error("{} is not a valid certificate of the cluster CA {}: {reason}; issue one with `tessera cert issue` from that cluster directory", cert.display(), ca.display())]
+    UntrustedCertificate {
+        cert: PathBuf,
+        ca: PathBuf,
+        reason: String,
+    },
     /// An incoming connection did not finish its handshake in time.
     #[error("handshake not finished within {after:?}")]
     HandshakeTimeout { after: std::time::Duration },

@@ -2,11 +2,12 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::QuicError;
@@ -108,9 +109,47 @@ impl TlsIdentity {
         Self::load(&dir.join(CA_CERT_FILE), &cert, &key)
     }
 
-    /// Load from three PEM files.
+    /// Load from three PEM files, and check what a handshake would only
+    /// find out later: that the key belongs to the certificate, and that
+    /// the cluster CA vouches for the certificate now.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, QuicError> {
-        Self::from_pem(&read_text(ca)?, &read_text(cert)?, &read_text(key)?, cert)
+        let identity = Self::from_pem(&read_text(ca)?, &read_text(cert)?, &read_text(key)?, cert)?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signing = provider
+            .key_provider
+            .load_private_key(identity.key.clone_key())
+            .map_err(|e| QuicError::Pem {
+                path: key.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let certified = rustls::sign::CertifiedKey::new(identity.chain.clone(), signing);
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            certified.keys_match()
+        {
+            return Err(QuicError::KeyMismatch {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            });
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(identity.ca.clone())?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(provider),
+        )
+        .build()?;
+        let (leaf, intermediates) = identity.chain.split_first().ok_or_else(|| QuicError::Pem {
+            path: cert.to_path_buf(),
+            reason: "no certificate".into(),
+        })?;
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|e| QuicError::UntrustedCertificate {
+                cert: cert.to_path_buf(),
+                ca: ca.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        Ok(identity)
     }
 
     /// The cluster's identity: SHA-256 of the CA certificate. Storage servers

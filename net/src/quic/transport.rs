@@ -104,6 +104,46 @@ impl Default for TransportTuning {
 }
 
 impl TransportTuning {
+    /// Check the settings quinn would otherwise refuse or misread.
+    pub fn validate(&self) -> Result<(), QuicError> {
+        let invalid = |setting: &'static str, value: u64, reason: String| {
+            Err(QuicError::InvalidSetting {
+                setting,
+                value: value.to_string(),
+                reason,
+            })
+        };
+        for (setting, value) in [
+            (
+                "transport.max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+            ("transport.stream_window", self.stream_window),
+            ("transport.connection_window", self.connection_window),
+            ("transport.send_window", self.send_window),
+            ("transport.keep_alive_ms", self.keep_alive_ms),
+            ("transport.max_connections", u64::from(self.max_connections)),
+            ("transport.handshake_timeout_ms", self.handshake_timeout_ms),
+        ] {
+            if value == 0 {
+                return invalid(setting, value, "must be at least 1".into());
+            }
+        }
+        if self.idle_timeout_ms <= self.keep_alive_ms || self.idle_timeout_ms > u64::from(u32::MAX)
+        {
+            return invalid(
+                "transport.idle_timeout_ms",
+                self.idle_timeout_ms,
+                format!(
+                    "must be more than keep_alive_ms ({}) and at most {}",
+                    self.keep_alive_ms,
+                    u32::MAX
+                ),
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn transport_config(&self) -> Arc<TransportConfig> {
         let mut config = TransportConfig::default();
         config
