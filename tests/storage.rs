@@ -695,3 +695,29 @@ async fn settings_fixed_at_format_time_say_the_file_wins() {
     }
     assert!(!log.contains("max_volumes:"), "{log}");
 }
+
+/// Any certificate holder can send malformed headers at will; the log gets
+/// a handful of lines for them, not one each, and service goes on.
+#[tokio::test]
+async fn a_flood_of_malformed_requests_is_logged_a_few_times() {
+    let (_cluster, mut server, client, _mgmt) = one_server().await;
+    let conn = server.connect(&client).await;
+    for id in 0..200u64 {
+        let mut garbage =
+            Request::new(Opcode::Read, VolumeId(1), Epoch(EPOCH), 0, 4096, id).encode();
+        garbage[0] = b'X';
+        let (mut send, mut recv) = conn.open_stream().await.unwrap();
+        send.write_all(&garbage).await.unwrap();
+        send.finish().unwrap();
+        let (reply, _) = read_reply(&mut recv).await.unwrap();
+        assert_eq!((reply.status, reply.request_id), (Status::BadRequest, id));
+    }
+    let data = pattern(4, 4096);
+    assert_eq!(write(&conn, 1, EPOCH, 0, &data).await.status, Status::Ok);
+    assert!(server.stop().success());
+    let logged = server.log().matches("malformed request").count();
+    assert!(
+        (1..=10).contains(&logged),
+        "{logged} lines for 200 malformed requests"
+    );
+}
