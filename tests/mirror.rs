@@ -22,7 +22,7 @@ use tessera_net::proto::{
     AdminCommand, ClusterStatus, Epoch, FLAG_FUA, FLAG_REPLICA, MgmtReply, MgmtRequest,
     MirrorState, Request, Role, Status, VolumeId,
 };
-use tessera_net::quic::Alpn;
+use tessera_net::quic::{Alpn, Endpoint};
 
 const BLOCK: u64 = 4096;
 /// Heartbeat timeout of the management server in these tests.
@@ -280,6 +280,20 @@ fn restart(cluster: &TestCluster, mgmt: &MgmtProc, name: &str) -> StorageProc {
     StorageProc::start(cluster, name, "256M", &["--mgmt", &mgmt.addr.to_string()])
 }
 
+/// What `server`'s bits for `peer` say of volume 1, asked by the storage
+/// endpoint `asker`.
+async fn dirty_regions(asker: &Endpoint, server: &StorageProc, peer: &str) -> MgmtReply {
+    let conn = asker
+        .connect(server.addr, &server.name, Alpn::Mgmt, Role::Storage)
+        .await
+        .unwrap();
+    let ask = MgmtRequest::DirtyRegions {
+        volume: VolumeId(1),
+        peer: peer.into(),
+    };
+    conn.mgmt(&ask).await.unwrap()
+}
+
 /// crc32c of each 64 KiB region of `[0, len)` of volume 1 as `server` holds it.
 async fn region_sums(cluster: &TestCluster, server: &StorageProc, len: u64) -> Vec<u32> {
     let conn = cluster
@@ -373,15 +387,7 @@ async fn forwarding_rules_fence_everyone_but_the_primary() {
         write(&to_primary, 1, 6, 3 * (64 << 10), &data).await.status,
         Status::Ok
     );
-    let peer = s3
-        .connect(s1.addr, "s1", Alpn::Mgmt, Role::Storage)
-        .await
-        .unwrap();
-    let ask = MgmtRequest::DirtyRegions {
-        volume: VolumeId(1),
-        peer: "s2".into(),
-    };
-    match peer.mgmt(&ask).await.unwrap() {
+    match dirty_regions(&s3, &s1, "s2").await {
         MgmtReply::Regions {
             all: false,
             regions,
@@ -455,16 +461,7 @@ async fn client_flags_cannot_make_a_mirror_skip_its_bits() {
         "a refused write landed"
     );
 
-    let peer = cluster
-        .endpoint(Role::Storage, "s3")
-        .connect(s2.addr, "s2", Alpn::Mgmt, Role::Storage)
-        .await
-        .unwrap();
-    let ask = MgmtRequest::DirtyRegions {
-        volume: VolumeId(1),
-        peer: "s1".into(),
-    };
-    match peer.mgmt(&ask).await.unwrap() {
+    match dirty_regions(&cluster.endpoint(Role::Storage, "s3"), &s2, "s1").await {
         MgmtReply::Regions {
             all: false,
             regions,
