@@ -43,6 +43,11 @@ pub struct NbdCommand {
     #[arg(long, value_name = "MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     handshake_timeout_ms: u64,
+    /// Milliseconds a reply may wait for a client that has stopped reading;
+    /// then its connection is closed and the memory it held freed.
+    #[arg(long, value_name = "MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    reply_timeout_ms: u64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -84,6 +89,7 @@ pub fn run(command: NbdCommand) -> anyhow::Result<()> {
         let limits = Limits {
             handshake_timeout: Duration::from_millis(command.handshake_timeout_ms),
             max_connections: command.max_connections,
+            reply_timeout: Duration::from_millis(command.reply_timeout_ms),
         };
         tokio::select! {
             () = listener.run(export, limits) => {}

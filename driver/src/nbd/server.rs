@@ -38,10 +38,12 @@ pub struct Export {
 
 /// Payload memory all NBD requests together may hold.
 const IO_BUDGET: usize = 256 << 20;
-/// Payload memory one connection's requests and queued replies may hold
-/// (at least one request of the largest size, plus its unaligned edges).
-pub const CONNECTION_BUDGET: usize = 128 << 20;
-const _: () = assert!(CONNECTION_BUDGET >= MAX_REQUEST_LEN as usize + 2 * BLOCK as usize);
+/// Payload memory one connection's requests and queued replies may hold:
+/// two requests of the largest size with their unaligned edges, a quarter
+/// of [`IO_BUDGET`], so that a few clients that stop reading cannot take
+/// all of it before [`Limits::reply_timeout`] cuts them off.
+pub const CONNECTION_BUDGET: usize = 2 * (MAX_REQUEST_LEN as usize + 2 * BLOCK as usize);
+const _: () = assert!(CONNECTION_BUDGET <= IO_BUDGET / 4 + 4 * BLOCK as usize);
 
 impl Export {
     pub fn new(name: String, volume: Volume) -> Self {
@@ -82,6 +84,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Connections served at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
+    /// The longest a reply may wait for a client that has stopped reading;
+    /// then the connection is closed and its memory freed.
+    pub reply_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -89,16 +94,13 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 256,
+            reply_timeout: Duration::from_secs(30),
         }
     }
 }
 
 /// Serve one client connection until it disconnects.
-pub async fn serve<S>(
-    stream: S,
-    export: Arc<Export>,
-    handshake_timeout: Duration,
-) -> Result<(), ServeError>
+pub async fn serve<S>(stream: S, export: Arc<Export>, limits: Limits) -> Result<(), ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -106,17 +108,17 @@ where
     let mut reader = BufReader::with_capacity(SOCKET_BUFFER, reader);
     let mut writer = BufWriter::with_capacity(SOCKET_BUFFER, writer);
     let chosen = tokio::time::timeout(
-        handshake_timeout,
+        limits.handshake_timeout,
         handshake(&mut reader, &mut writer, &export),
     )
     .await
     .map_err(|_| ServeError::HandshakeTimeout {
-        after: handshake_timeout,
+        after: limits.handshake_timeout,
     })?;
     if !chosen? {
         return Ok(());
     }
-    transmission(reader, writer, export).await
+    transmission(reader, writer, export, limits.reply_timeout).await
 }
 
 /// Option haggling; `Ok(true)` when the client moves on to transmission.
@@ -250,6 +252,7 @@ async fn transmission<R, W>(
     mut reader: R,
     mut writer: W,
     export: Arc<Export>,
+    reply_timeout: Duration,
 ) -> Result<(), ServeError>
 where
     R: AsyncRead + Unpin,
@@ -262,22 +265,37 @@ where
     // client that sends reads but never reads the replies stalls its own
     // connection at CONNECTION_BUDGET instead of filling memory.
     let (replies, mut outgoing) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
+    // A client that stops reading for `reply_timeout` is cut off, which
+    // frees its permits for everyone else.
     let writer_task = tokio::spawn(async move {
         while let Some(Outgoing { header, data, .. }) = outgoing.recv().await {
-            writer.write_all(&header).await?;
-            writer.write_all(&data).await?;
-            if outgoing.is_empty() {
-                writer.flush().await?;
-            }
+            let sent = async {
+                writer.write_all(&header).await?;
+                writer.write_all(&data).await?;
+                if outgoing.is_empty() {
+                    writer.flush().await?;
+                }
+                Ok::<(), std::io::Error>(())
+            };
+            tokio::time::timeout(reply_timeout, sent)
+                .await
+                .map_err(|_| self::reply_timeout(reply_timeout))??;
         }
-        writer.flush().await?;
+        tokio::time::timeout(reply_timeout, writer.flush())
+            .await
+            .map_err(|_| self::reply_timeout(reply_timeout))??;
         Ok::<(), std::io::Error>(())
     });
     let connection_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / BLOCK as usize));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
         let mut header = [0u8; REQUEST_LEN];
-        if let Err(e) = reader.read_exact(&mut header).await {
+        let read = tokio::select! {
+            read = reader.read_exact(&mut header) => read,
+            // The reply writer gave up on the client: nothing more to serve.
+            () = replies.closed() => break Ok(()),
+        };
+        if let Err(e) = read {
             break if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Ok(())
             } else {
@@ -327,7 +345,6 @@ where
                 let shared = export.budget.clone().acquire_many_owned(blocks).await?;
                 Ok::<_, tokio::sync::AcquireError>(vec![own, shared])
             } => permits,
-            // The reply writer failed (the client went away): stop reading.
             () = replies.closed() => break Ok(()),
         };
         let Ok(memory) = memory else {
@@ -335,7 +352,11 @@ where
         };
         let payload = if request.command == Command::Write {
             let mut data = vec![0u8; request.length as usize];
-            if let Err(e) = reader.read_exact(&mut data).await {
+            let read = tokio::select! {
+                read = reader.read_exact(&mut data) => read,
+                () = replies.closed() => break Ok(()),
+            };
+            if let Err(e) = read {
                 break Err(e.into());
             }
             data
@@ -361,11 +382,21 @@ where
     let _ = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
     drop(replies);
     match writer_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "reply not delivered"),
-        Err(e) => debug!(error = %e, "reply writer failed"),
+        // A reply that could not be delivered (a client that stopped
+        // reading) is why the connection ended, unless reading failed first.
+        Ok(written) => result.and(written.map_err(ServeError::from)),
+        Err(e) => {
+            debug!(error = %e, "reply writer failed");
+            result
+        }
     }
-    result
+}
+
+fn reply_timeout(after: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the client read no reply for {after:?}"),
+    )
 }
 
 /// A reply on its way to the client, with the memory permits of its request.
@@ -586,6 +617,11 @@ impl Listener {
                 Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
                 Listener::Tcp(l) => l.accept().await.map(|(s, peer)| {
                     let _ = s.set_nodelay(true);
+                    // A vanished client is noticed even while it has nothing in flight.
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(60))
+                        .with_interval(Duration::from_secs(10));
+                    let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive);
                     debug!(%peer, "NBD client connected");
                     Accepted::Tcp(s)
                 }),
@@ -612,8 +648,8 @@ impl Listener {
             let export = export.clone();
             tokio::spawn(async move {
                 let ended = match stream {
-                    Accepted::Unix(s) => serve(s, export, limits.handshake_timeout).await,
-                    Accepted::Tcp(s) => serve(s, export, limits.handshake_timeout).await,
+                    Accepted::Unix(s) => serve(s, export, limits).await,
+                    Accepted::Tcp(s) => serve(s, export, limits).await,
                 };
                 drop(slot);
                 match ended {
