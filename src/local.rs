@@ -88,7 +88,8 @@ impl LocalCluster {
             &dir.join("mgmt.log"),
         )?;
         cluster.mgmt = mgmt.parse().context("management server address")?;
-        let size = disk_size.to_string().replace(' ', "");
+        // In bytes: exact whatever the size, and what --size parses.
+        let size = disk_size.0.to_string();
         for name in storage {
             let data = format!("{d}/{name}.img");
             let (addr, output) = cluster.spawn(

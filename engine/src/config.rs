@@ -9,7 +9,8 @@ use tessera_net::units::ByteSize;
 
 use crate::error::EngineError;
 use crate::format::{
-    BLOCK, DEFAULT_MAX_VOLUMES, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE, Geometry, MAX_REGION_SIZE,
+    BLOCK, DEFAULT_MAX_VOLUMES, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE, Geometry, GeometryError,
+    MAX_REGION_SIZE,
 };
 use crate::io::IoEngine;
 
@@ -106,7 +107,7 @@ impl StorageConfig {
                 path: path.to_path_buf(),
                 line: before.matches('\n').count() + 1,
                 column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
-                reason: e.message().to_string(),
+                reason: e.message().trim().replace('\n', "; "),
             }
         })
     }
@@ -151,12 +152,23 @@ impl StorageConfig {
                 format!("must be from 1 to {MAX_MAX_VOLUMES}"),
             );
         }
-        if let Err(reason) = Geometry::compute(self.size.0, slot, region, self.max_volumes) {
-            return invalid(
-                "size",
-                self.size.to_string(),
-                format!("{reason}; give a larger size, or a smaller slot_size or max_volumes"),
-            );
+        match Geometry::compute(self.size.0, slot, region, self.max_volumes) {
+            Ok(_) => {}
+            Err(e @ GeometryError::TooSmall { .. }) => {
+                return invalid(
+                    "size",
+                    self.size.to_string(),
+                    format!("{e}; give a larger size, or a smaller slot_size or max_volumes"),
+                );
+            }
+            Err(e @ GeometryError::TooManySlots { .. }) => {
+                return invalid(
+                    "slot_size",
+                    self.slot_size.to_string(),
+                    format!("{e} for a size of {}", self.size),
+                );
+            }
+            Err(e) => return Err(e.into()),
         }
         for (setting, value) in [
             ("heartbeat_ms", self.heartbeat_ms),

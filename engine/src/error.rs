@@ -4,6 +4,8 @@ use tessera_net::proto::{Epoch, VolumeId};
 use tessera_net::quic::QuicError;
 use tessera_net::units::ByteSize;
 
+use crate::format::GeometryError;
+
 /// Everything the storage server can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -75,6 +77,9 @@ pub enum EngineError {
     /// Invalid geometry or configuration value.
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
+    /// The device cannot be laid out with the configured parameters.
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
     /// Both copies of a metadata block are damaged.
     #[error("metadata block {block} is damaged in both copies")]
     MetadataDamaged { block: u64 },

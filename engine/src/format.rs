@@ -69,6 +69,26 @@ fn div_ceil(a: u64, b: u64) -> u64 {
     a.div_ceil(b)
 }
 
+/// Why a device cannot be laid out with the given parameters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    /// The slot size is not a power-of-two multiple of the block size.
+    #[error("slot size {} must be a power of two multiple of {}", ByteSize(u64::from(*slot_size)), ByteSize(BLOCK))]
+    SlotSize { slot_size: u32 },
+    /// The region size is not a power of two within the allowed range.
+    #[error("region size {} must be a power of two from {} to {}", ByteSize(u64::from(*region_size)), ByteSize(BLOCK), ByteSize(u64::from(MAX_REGION_SIZE)))]
+    RegionSize { region_size: u32 },
+    /// No room for any volume.
+    #[error("max_volumes must be at least 1")]
+    NoVolumes,
+    /// The device cannot hold the metadata and one data slot.
+    #[error("{} is too small: at least {} is needed", ByteSize(*size), ByteSize(*minimum))]
+    TooSmall { size: u64, minimum: u64 },
+    /// More slots than the slot table can number.
+    #[error("{slots} slots is more than 2^32: use a larger slot size")]
+    TooManySlots { slots: u64 },
+}
+
 impl Geometry {
     /// Lay out a device of `device_size` bytes.
     pub fn compute(
@@ -76,27 +96,18 @@ impl Geometry {
         slot_size: u32,
         region_size: u32,
         max_volumes: u32,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, GeometryError> {
         if slot_size == 0 || u64::from(slot_size) % BLOCK != 0 || !slot_size.is_power_of_two() {
-            return Err(format!(
-                "slot size {} must be a power of two multiple of {}",
-                ByteSize(u64::from(slot_size)),
-                ByteSize(BLOCK)
-            ));
+            return Err(GeometryError::SlotSize { slot_size });
         }
         if u64::from(region_size) < BLOCK
             || !region_size.is_power_of_two()
             || region_size > MAX_REGION_SIZE
         {
-            return Err(format!(
-                "region size {} must be a power of two from {} to {}",
-                ByteSize(u64::from(region_size)),
-                ByteSize(BLOCK),
-                ByteSize(u64::from(MAX_REGION_SIZE))
-            ));
+            return Err(GeometryError::RegionSize { region_size });
         }
         if max_volumes == 0 {
-            return Err("max_volumes must be at least 1".into());
+            return Err(GeometryError::NoVolumes);
         }
         let slot = u64::from(slot_size);
         let mut slots = device_size / slot;
@@ -105,20 +116,15 @@ impl Geometry {
             let fit = device_size.saturating_sub(g.data_start) / slot;
             if fit >= slots {
                 if slots > u64::from(u32::MAX) {
-                    return Err(format!(
-                        "{slots} slots is more than 2^32: use a larger slot size"
-                    ));
+                    return Err(GeometryError::TooManySlots { slots });
                 }
                 return if slots == 0 {
-                    Err(format!(
-                        "{} is too small: at least {} is needed",
-                        ByteSize(device_size),
-                        ByteSize(
-                            Self::layout(device_size, slot_size, region_size, max_volumes, 1)
-                                .data_start
-                                + slot
-                        )
-                    ))
+                    Err(GeometryError::TooSmall {
+                        size: device_size,
+                        minimum: Self::layout(device_size, slot_size, region_size, max_volumes, 1)
+                            .data_start
+                            + slot,
+                    })
                 } else {
                     Ok(g)
                 };
@@ -636,10 +642,10 @@ mod tests {
             DEFAULT_MAX_VOLUMES,
         )
         .unwrap_err();
-        assert!(err.contains("too small"), "{err}");
+        assert!(err.to_string().contains("too small"), "{err}");
         assert!(Geometry::compute(1 << 30, 3000, DEFAULT_REGION_SIZE, 1).is_err());
         let err = Geometry::compute(1 << 30, DEFAULT_SLOT_SIZE, 3000, 1).unwrap_err();
-        assert!(err.contains("region size"), "{err}");
+        assert!(err.to_string().contains("region size"), "{err}");
     }
 
     #[test]

@@ -107,12 +107,18 @@ fn open_locked(path: &Path) -> Result<(std::fs::File, RemoveOnFailure), EngineEr
             path: path.to_path_buf(),
         });
     }
-    Ok((file, RemoveOnFailure(created.then(|| path.to_path_buf()))))
+    // The guard keeps a descriptor of its own, and with it the lock, until
+    // it has removed the file: no other start can take the path meanwhile.
+    let guard = match created {
+        true => file.try_clone().ok().map(|held| (path.to_path_buf(), held)),
+        false => None,
+    };
+    Ok((file, RemoveOnFailure(guard)))
 }
 
 /// Removes a data file this start created unless disarmed once the store
 /// is open: a failed start leaves nothing behind.
-struct RemoveOnFailure(Option<std::path::PathBuf>);
+struct RemoveOnFailure(Option<(std::path::PathBuf, std::fs::File)>);
 
 impl RemoveOnFailure {
     fn disarm(mut self) {
@@ -122,7 +128,7 @@ impl RemoveOnFailure {
 
 impl Drop for RemoveOnFailure {
     fn drop(&mut self) {
-        if let Some(path) = &self.0 {
+        if let Some((path, _locked)) = &self.0 {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -151,6 +157,8 @@ fn prepare(file: &std::fs::File, path: &Path, size: u64) -> Result<u64, EngineEr
             if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 debug!(%error, "fallocate unavailable; the file stays sparse");
             } else {
+                // Give back what was taken: the file as it was, the space free.
+                let _ = file.set_len(meta.len());
                 return Err(err("reserve space for")(error));
             }
         }
@@ -223,8 +231,7 @@ pub async fn open_store(
             config.slot_size()?,
             config.region_size()?,
             config.max_volumes,
-        )
-        .map_err(|reason| EngineError::Config { reason })?;
+        )?;
         Ok(Superblock {
             geometry,
             cluster_id,
@@ -561,6 +568,16 @@ async fn serve_data_stream(
             return;
         }
     };
+    // A request without payload must end at its header; checked before it
+    // takes any budget, so a stream that never ends holds none.
+    if !request.opcode.carries_payload()
+        && let Err(message) = stream_ends(&mut recv, &request).await
+    {
+        service.metrics.refused(Status::BadRequest);
+        let refusal = Refusal::new(Status::BadRequest, Epoch(0), message);
+        refuse(&mut send, &mut recv, request.request_id, &refusal).await;
+        return;
+    }
     // Reads and writes hold their payload's share of the budget until the reply is sent.
     let blocks = if matches!(request.opcode, Opcode::Read | Opcode::Write) {
         request.length / BLOCK_SIZE
@@ -656,21 +673,8 @@ async fn execute(
     } else {
         None
     };
-    // Exactly `payload_len` bytes: a stream that goes on is refused.
-    match tokio::time::timeout(STREAM_TIMEOUT, recv.read_chunk(1, true)).await {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some(_))) => {
-            let error = proto::ProtoError::TrailingPayload {
-                declared: request.payload_len(),
-            };
-            return Err(refusal(error.to_string()));
-        }
-        Ok(Err(e)) => return Err(refusal(format!("request stream failed: {e}"))),
-        Err(_) => {
-            return Err(refusal(format!(
-                "request stream not finished within {STREAM_TIMEOUT:?}"
-            )));
-        }
+    if request.opcode.carries_payload() {
+        stream_ends(recv, request).await.map_err(refusal)?;
     }
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
     let forwarded = request.flags & FLAG_REPLICA != 0;
@@ -707,6 +711,22 @@ async fn execute(
         (Opcode::Ping, _) => Vec::new(),
     };
     Ok((epoch, pieces))
+}
+
+/// A request's stream holds exactly `payload_len` bytes after the header
+/// and then ends; `Err` says how it did not.
+async fn stream_ends(recv: &mut RecvStream, request: &Request) -> Result<(), String> {
+    match tokio::time::timeout(STREAM_TIMEOUT, recv.read_chunk(1, true)).await {
+        Ok(Ok(None)) => Ok(()),
+        Ok(Ok(Some(_))) => Err(proto::ProtoError::TrailingPayload {
+            declared: request.payload_len(),
+        }
+        .to_string()),
+        Ok(Err(e)) => Err(format!("request stream failed: {e}")),
+        Err(_) => Err(format!(
+            "request stream not finished within {STREAM_TIMEOUT:?}"
+        )),
+    }
 }
 
 fn piece_bytes(piece: &ReadPiece) -> impl Iterator<Item = &[u8]> {

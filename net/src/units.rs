@@ -66,6 +66,18 @@ impl FromStr for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// The largest unit (as a power of 1024) in which this size is a whole number.
+    fn exact_power(self) -> usize {
+        (0..UNITS.len())
+            .rev()
+            .find(|p| self.0.is_multiple_of(1u64 << (10 * p)))
+            .unwrap_or(0)
+    }
+}
+
+/// `10 GiB`, `1.5 GiB`; a size that one decimal would round also shows its
+/// bytes (`64.0 MiB (67104768 B)`), so that no two sizes print alike.
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut power = 0;
@@ -75,19 +87,30 @@ impl fmt::Display for ByteSize {
         if power == 0 {
             return write!(f, "{} B", self.0);
         }
-        let value = self.0 as f64 / (1u64 << (10 * power)) as f64;
+        let unit_bytes = 1u64 << (10 * power);
         let unit = UNITS[power];
-        if self.0.is_multiple_of(1u64 << (10 * power)) {
-            write!(f, "{value:.0} {unit}iB")
-        } else {
+        if self.0.is_multiple_of(unit_bytes) {
+            return write!(f, "{} {unit}iB", self.0 / unit_bytes);
+        }
+        let value = self.0 as f64 / unit_bytes as f64;
+        if u128::from(self.0) * 10 % u128::from(unit_bytes) == 0 {
             write!(f, "{value:.1} {unit}iB")
+        } else {
+            write!(f, "{value:.1} {unit}iB ({} B)", self.0)
         }
     }
 }
 
+/// The exact size in its largest whole unit (`64MiB`, `65532KiB`, `4097B`),
+/// which parses back to the same value.
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string().replace(' ', ""))
+        let power = self.exact_power();
+        let text = match power {
+            0 => format!("{}B", self.0),
+            p => format!("{}{}iB", self.0 >> (10 * p), UNITS[p]),
+        };
+        s.serialize_str(&text)
     }
 }
 
@@ -178,7 +201,31 @@ mod tests {
         assert_eq!(ByteSize(10 << 30).to_string(), "10 GiB");
         assert_eq!(ByteSize(3 << 29).to_string(), "1.5 GiB");
         assert_eq!(ByteSize(1 << 60).to_string(), "1 EiB");
+        assert_eq!(ByteSize(64 << 20).to_string(), "64 MiB");
+        assert_eq!(
+            ByteSize((64 << 20) - 4096).to_string(),
+            "64.0 MiB (67104768 B)"
+        );
+        assert_eq!(ByteSize(4097).to_string(), "4.0 KiB (4097 B)");
         let s = ByteSize(10 << 30).to_string().replace(' ', "");
         assert_eq!(s.parse::<ByteSize>().unwrap(), ByteSize(10 << 30));
+    }
+
+    #[test]
+    fn serializes_exactly() {
+        for bytes in [
+            0,
+            4097,
+            (64 << 20) - 4096,
+            3 << 29,
+            10 << 30,
+            1 << 60,
+            u64::MAX,
+        ] {
+            let text = toml::to_string(&std::collections::BTreeMap::from([("s", ByteSize(bytes))]))
+                .unwrap();
+            let back: std::collections::BTreeMap<String, ByteSize> = toml::from_str(&text).unwrap();
+            assert_eq!(back["s"], ByteSize(bytes), "{text}");
+        }
     }
 }

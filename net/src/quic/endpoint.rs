@@ -42,6 +42,7 @@ impl Endpoint {
         tuning: &TransportTuning,
         serve: &[Alpn],
     ) -> Result<Self, QuicError> {
+        tuning.validate()?;
         let socket = udp_socket(addr, tuning)?;
         let server = if serve.is_empty() {
             None
@@ -102,7 +103,16 @@ impl Endpoint {
     pub async fn accept(&self) -> Option<Handshake> {
         loop {
             let incoming = self.inner.accept().await?;
-            if self.inner.open_connections() < self.max_connections {
+            let open = self.inner.open_connections();
+            // Past half the limit, a peer must prove its address first, so
+            // spoofed Initial packets cannot take the places of real peers.
+            if open >= self.max_connections / 2 && !incoming.remote_address_validated() {
+                if let Err(e) = incoming.retry() {
+                    debug!(error = %e, "address validation not possible");
+                }
+                continue;
+            }
+            if open < self.max_connections {
                 return Some(Handshake {
                     incoming,
                     timeout: self.handshake_timeout,
