@@ -357,3 +357,69 @@ fn bad_storage_starts_create_and_change_nothing() {
         stderr(&missing)
     );
 }
+
+/// A data file whose space cannot be reserved (ENOSPC from fallocate) fails
+/// the start and gives the space back: a file that existed keeps its old
+/// length, one the start created is gone. Needs root, for a small tmpfs.
+#[test]
+fn a_start_without_room_gives_the_space_back() {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: needs root to mount a small tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let c = dir.path().join("cluster");
+    let c = c.to_str().unwrap();
+    assert!(tessera(&["cluster", "init", "--dir", c]).status.success());
+    let issued = tessera(&[
+        "cert", "issue", "--dir", c, "--role", "storage", "--name", "s1",
+    ]);
+    assert!(issued.status.success(), "{}", stderr(&issued));
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16M", "tessera-test"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    if !mounted.success() {
+        println!("SKIPPED: this machine does not let root mount a tmpfs");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&small);
+    let existing = small.join("existing.img");
+    std::fs::write(&existing, b"").unwrap();
+    let absent = small.join("absent.img");
+    for data in [&existing, &absent] {
+        let out = tessera(&[
+            "storage",
+            "--data",
+            data.to_str().unwrap(),
+            "--size",
+            "64M",
+            "--io-engine",
+            "std",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster-dir",
+            c,
+            "--name",
+            "s1",
+        ]);
+        assert_one_line_error(&out, "No space left on device");
+        assert!(
+            stderr(&out).contains("reserve space for"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(std::fs::metadata(&existing).unwrap().len(), 0);
+    assert!(!absent.exists(), "the start left the file it created");
+}
