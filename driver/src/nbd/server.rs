@@ -4,6 +4,7 @@
 //! served by read-modify-write.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tessera_net::log_limit::LogLimit;
@@ -275,22 +276,18 @@ where
                 if outgoing.is_empty() {
                     writer.flush().await?;
                 }
-                Ok::<(), std::io::Error>(())
+                Ok(())
             };
-            tokio::time::timeout(reply_timeout, sent)
-                .await
-                .map_err(|_| self::reply_timeout(reply_timeout))??;
+            unless_stalled(reply_timeout, sent).await?;
         }
-        tokio::time::timeout(reply_timeout, writer.flush())
-            .await
-            .map_err(|_| self::reply_timeout(reply_timeout))??;
-        Ok::<(), std::io::Error>(())
+        unless_stalled(reply_timeout, writer.flush()).await
     });
     let connection_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / BLOCK as usize));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
         let mut header = [0u8; REQUEST_LEN];
         let read = tokio::select! {
+            biased;
             read = reader.read_exact(&mut header) => read,
             // The reply writer gave up on the client: nothing more to serve.
             () = replies.closed() => break Ok(()),
@@ -318,7 +315,7 @@ where
                 let reply = Outgoing {
                     header: simple_reply(error, cookie),
                     data: Vec::new(),
-                    _memory: Vec::new(),
+                    _memory: None,
                 };
                 if replies.send(reply).await.is_err() {
                     break Ok(());
@@ -340,10 +337,11 @@ where
         // This connection's share first, so that a stalled connection
         // waits without holding any of the shared budget.
         let memory = tokio::select! {
+            biased;
             permits = async {
                 let own = connection_budget.clone().acquire_many_owned(blocks).await?;
                 let shared = export.budget.clone().acquire_many_owned(blocks).await?;
-                Ok::<_, tokio::sync::AcquireError>(vec![own, shared])
+                Ok::<_, tokio::sync::AcquireError>(Some((own, shared)))
             } => permits,
             () = replies.closed() => break Ok(()),
         };
@@ -353,6 +351,7 @@ where
         let payload = if request.command == Command::Write {
             let mut data = vec![0u8; request.length as usize];
             let read = tokio::select! {
+                biased;
                 read = reader.read_exact(&mut data) => read,
                 () = replies.closed() => break Ok(()),
             };
@@ -392,18 +391,33 @@ where
     }
 }
 
-fn reply_timeout(after: Duration) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("the client read no reply for {after:?}"),
-    )
+/// Run a reply write, failing it once it has been blocked for `limit`. A
+/// write that completes on its first poll (most do) sets no timer.
+async fn unless_stalled(
+    limit: Duration,
+    write: impl Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    let mut write = std::pin::pin!(write);
+    if let Poll::Ready(done) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+    {
+        return done;
+    }
+    tokio::time::timeout(limit, write).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client read no reply for {limit:?}"),
+        )
+    })?
 }
 
 /// A reply on its way to the client, with the memory permits of its request.
 struct Outgoing {
     header: [u8; 16],
     data: Vec<u8>,
-    _memory: Vec<tokio::sync::OwnedSemaphorePermit>,
+    _memory: Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
 }
 
 fn errno(e: &DriverError, write: bool) -> u32 {
