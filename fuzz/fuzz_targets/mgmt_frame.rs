@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_net::proto::{MgmtReply, MgmtRequest, decode_frame, encode_frame};
+use tessera_proto::{MgmtReply, MgmtRequest, decode_frame, encode_frame};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((request, _)) = decode_frame::<MgmtRequest>(data) {

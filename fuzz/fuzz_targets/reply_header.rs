@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_net::proto::{REPLY_HEADER_LEN, parse_reply};
+use tessera_proto::{REPLY_HEADER_LEN, parse_reply};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((reply, rest)) = parse_reply(data) {

@@ -5,12 +5,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_net::proto::{FLAG_FUA, FLAG_REPLICA, Forward, REQUEST_HEADER_LEN, parse_request};
+use tessera_proto::{FLAG_FUA, FLAG_REPLICA, Forward, REQUEST_HEADER_LEN, parse_request};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok((request, rest)) = parse_request(data) {
         assert_eq!(request.encode()[..], data[..REQUEST_HEADER_LEN]);
-        assert!(request.payload_len() <= tessera_net::proto::MAX_IO_LEN as usize);
+        assert!(request.payload_len() <= tessera_proto::MAX_IO_LEN as usize);
         let _ = request.verify_payload(rest);
         let copy = request.forwarded(Forward::Client, request.request_id);
         assert_eq!(copy.flags, FLAG_REPLICA | (request.flags & FLAG_FUA));

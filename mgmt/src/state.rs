@@ -10,14 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use tessera_net::proto::{
+use tessera_proto::units::ByteSize;
+use tessera_proto::{
     BLOCK_SIZE, Epoch, MAX_VOLUME_SIZE, MirrorState, Partition, Refusal, Replica, VolumeId,
     VolumeMap,
 };
-use tessera_net::units::ByteSize;
 
 /// Largest page size a volume may have (a request covers at most one page).
-pub const MAX_PAGE_SIZE: u32 = tessera_net::proto::MAX_IO_LEN;
+pub const MAX_PAGE_SIZE: u32 = tessera_proto::MAX_IO_LEN;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerRecord {

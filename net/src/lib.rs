@@ -1,9 +1,10 @@
-//! Tessera's wire protocol and transport.
+//! Tessera's transport.
 //!
-//! [`proto`] is sans-IO (it imports neither quinn nor tokio) so that it can be
-//! fuzzed and tested byte for byte; [`quic`] carries it over QUIC with mutual TLS.
+//! [`proto`] is the sans-IO protocol crate `tessera-proto`, re-exported (it
+//! cannot import quinn or tokio: its manifest does not have them); [`quic`]
+//! carries it over QUIC with mutual TLS.
 
 pub mod log_limit;
-pub mod proto;
+pub use tessera_proto as proto;
 pub mod quic;
-pub mod units;
+pub use tessera_proto::units;

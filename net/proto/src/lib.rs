@@ -3,6 +3,7 @@
 //! * [`header`]: the fixed data-path request and reply headers (zerocopy),
 //!   opcodes, statuses, crc32c payload checks and their validation.
 //! * [`mgmt`]: management messages (serde) in versioned, length-prefixed frames.
+//! * [`units`]: human-readable byte sizes, as configs and messages use them.
 //!
 //! Everything here reads untrusted bytes and returns a typed [`ProtoError`];
 //! nothing panics and nothing allocates from an unchecked length.
@@ -10,6 +11,7 @@
 pub mod error;
 pub mod header;
 pub mod mgmt;
+pub mod units;
 
 pub use error::ProtoError;
 pub use header::{

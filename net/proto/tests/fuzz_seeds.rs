@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use tessera_net::proto::{MgmtReply, MgmtRequest, decode_frame, parse_reply, parse_request};
+use tessera_proto::{MgmtReply, MgmtRequest, decode_frame, parse_reply, parse_request};
 
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/seeds")
+        .join("../../fuzz/seeds")
         .join(target);
     let mut out: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
