@@ -38,8 +38,8 @@ pub use error::DriverError;
 use futures_util::future::try_join_all;
 use futures_util::{StreamExt, TryStreamExt};
 use tessera_net::proto::{
-    BLOCK_SIZE, Epoch, FLAG_FUA, MgmtReply, MgmtRequest, Opcode, Refusal, Request, Role, Status,
-    VolumeMap,
+    BLOCK_SIZE, Epoch, EpochVerdict, FLAG_FUA, MgmtReply, MgmtRequest, Opcode, Refusal, Request,
+    Role, Status, VolumeMap,
 };
 use tessera_net::quic::{Alpn, Connector, Endpoint, QuicError, TlsIdentity, TransportTuning};
 use tracing::{debug, warn};
@@ -269,7 +269,7 @@ impl Volume {
         for _ in 0..8 {
             let epoch = self.inner.map.load().epoch;
             self.flush_primaries().await?;
-            if self.inner.map.load().epoch == epoch {
+            if EpochVerdict::judge(epoch, self.inner.map.load().epoch).is_current() {
                 return Ok(());
             }
         }
@@ -401,7 +401,7 @@ impl VolumeInner {
                 loop {
                     tokio::time::sleep(MAP_CHECK_AFTER).await;
                     self.refresh(map.epoch).await?;
-                    if self.map.load().epoch > map.epoch {
+                    if EpochVerdict::judge(map.epoch, self.map.load().epoch).is_newer() {
                         return Ok::<(), DriverError>(());
                     }
                 }
@@ -489,7 +489,7 @@ impl VolumeInner {
     /// Fetch the map again unless someone already did since epoch `seen`.
     async fn refresh(&self, seen: Epoch) -> Result<(), DriverError> {
         let mut last_fetch = self.refreshing.lock().await;
-        if self.map.load().epoch > seen {
+        if EpochVerdict::judge(seen, self.map.load().epoch).is_newer() {
             return Ok(());
         }
         // Many requests waiting on one dead server ask at once: one fetch
@@ -501,7 +501,7 @@ impl VolumeInner {
         match self.client.fetch_map(&self.name).await {
             Ok(map) => {
                 // Never go back to an older map (a lagging management server).
-                if map.epoch > self.map.load().epoch {
+                if EpochVerdict::judge(self.map.load().epoch, map.epoch).is_newer() {
                     self.refreshes.fetch_add(1, Ordering::Relaxed);
                     self.map.store(Arc::new(map));
                 }

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tessera_net::proto::{
-    Epoch, FLAG_RESYNC, Forward, MgmtReply, MgmtRequest, MirrorReport, MirrorState, Opcode,
-    Partition, Refusal as MgmtRefusal, Replica, Request, ResyncProgress, Role, Status, VolumeId,
-    VolumeMap, region_runs,
+    Epoch, EpochVerdict, FLAG_RESYNC, Forward, MgmtReply, MgmtRequest, MirrorReport, MirrorState,
+    Opcode, Partition, Refusal as MgmtRefusal, Replica, Request, ResyncProgress, Role, Status,
+    VolumeId, VolumeMap, region_runs,
 };
 use tessera_net::quic::{Alpn, Connector, Endpoint, PeerIdentity};
 use tokio::sync::{OnceCell, RwLock};
@@ -425,17 +425,17 @@ impl Replication {
                     .await
                     .map_err(failed)?;
                 let (reply, message) = conn.data(&forwarded, payload).await.map_err(failed)?;
+                // The mirror's verdict on our epoch, judged against what it holds.
+                let verdict = EpochVerdict::judge(reply.epoch, request.epoch);
                 match reply.status {
                     Status::Ok => return Ok(()),
                     // The mirror has not applied the new map yet: it is being pushed.
-                    Status::StaleEpoch
-                        if reply.epoch < request.epoch && Instant::now() < deadline =>
-                    {
+                    Status::StaleEpoch if verdict.is_newer() && Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    // Newer: our map is behind. Equal: the mirror is applying a
-                    // new epoch right now. Either way the sender's map moves on.
-                    Status::StaleEpoch if reply.epoch >= request.epoch => {
+                    // Stale: our map is behind. Current: the mirror is applying
+                    // a new epoch right now. Either way the sender's map moves on.
+                    Status::StaleEpoch if !verdict.is_newer() => {
                         return Err(ForwardError::Behind(reply.epoch));
                     }
                     status => {
@@ -922,7 +922,7 @@ async fn clean_for(
             name: volume.to_string(),
         })?;
     let _gate = held.hold().await;
-    if held.epoch() != epoch {
+    if !EpochVerdict::judge(held.epoch(), epoch).is_current() {
         return Err(MgmtRefusal::StaleEpoch {
             request: epoch,
             current: held.epoch(),

@@ -10,8 +10,9 @@ use bytes::Bytes;
 
 use tessera_net::log_limit::LogLimit;
 use tessera_net::proto::{
-    self, BLOCK_SIZE, Epoch, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, Opcode,
-    REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
+    self, BLOCK_SIZE, Epoch, EpochVerdict, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply,
+    MgmtRequest, Opcode, REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status,
+    VolumeId,
 };
 use tessera_net::quic::{
     Alpn, Endpoint, PeerConnection, PeerIdentity, ReadExactError, RecvStream, SendStream,
@@ -646,7 +647,9 @@ async fn execute(
         .inspect_err(|_| service.refresh.notify_one())?;
     // Refuse before reading a payload or touching the disk...
     store.check(&volume, request, peer).inspect_err(|refusal| {
-        if refusal.status == Status::StaleEpoch && request.epoch > refusal.epoch {
+        if refusal.status == Status::StaleEpoch
+            && EpochVerdict::judge(refusal.epoch, request.epoch).is_newer()
+        {
             // The client has seen a newer map than ours: fetch it now.
             service.refresh.notify_one();
         }

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use tessera_net::proto::{
-    Epoch, FLAG_REPLICA, FLAG_RESYNC, MAX_VOLUME_SIZE, MgmtReply, MirrorState, Partition, Request,
-    Role, Status, VolumeId, VolumeMap,
+    Epoch, EpochVerdict, FLAG_REPLICA, FLAG_RESYNC, MAX_VOLUME_SIZE, MgmtReply, MirrorState,
+    Partition, Request, Role, Status, VolumeId, VolumeMap,
 };
 use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -606,7 +606,7 @@ impl<D: BlockDevice> Store<D> {
         if let Some(volume) = self.volume(map.id) {
             let _exclusive = volume.gate.write().await;
             let current = volume.epoch();
-            if map.epoch < current {
+            if EpochVerdict::judge(current, map.epoch).is_stale() {
                 return Err(EngineError::EpochRegression {
                     volume: map.id,
                     current,
@@ -786,14 +786,12 @@ impl<D: BlockDevice> Store<D> {
             ));
         }
         let record = volume.record.borrow();
-        if request.epoch != record.epoch {
+        let verdict = EpochVerdict::judge(record.epoch, request.epoch);
+        if !verdict.is_current() {
             return Err(Refusal::new(
                 Status::StaleEpoch,
                 record.epoch,
-                format!(
-                    "request epoch {} is not the volume's {}",
-                    request.epoch, record.epoch
-                ),
+                verdict.to_string(),
             ));
         }
         let replica = request.flags & FLAG_REPLICA != 0;

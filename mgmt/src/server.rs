@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tessera_net::proto::{
-    AdminCommand, ClusterStatus, Epoch, MgmtReply, MgmtRequest, MirrorReport, MirrorState, Refusal,
-    Role, ServerStatus, VolumeId, VolumeMap,
+    AdminCommand, ClusterStatus, Epoch, EpochVerdict, MgmtReply, MgmtRequest, MirrorReport,
+    MirrorState, Refusal, Role, ServerStatus, VolumeId, VolumeMap,
 };
 use tessera_net::quic::{
     Alpn, Connector, Endpoint, PeerConnection, PeerIdentity, TlsPaths, TransportTuning,
@@ -336,7 +336,7 @@ impl Manager {
                 .volume_by_id(*id)
                 .and_then(|v| self.state.volume_map(v))
             {
-                Some(map) if map.epoch != *epoch => maps.push(map),
+                Some(map) if !EpochVerdict::judge(map.epoch, *epoch).is_current() => maps.push(map),
                 Some(_) => {}
                 // Only ids this map has handed out: a management server
                 // started on the wrong (say empty) state must not wipe servers.
@@ -783,7 +783,7 @@ impl Manager {
             // Already on record (another write reported it first).
             return (MgmtReply::Applied { epoch: current }, None);
         }
-        if epoch != current {
+        if !EpochVerdict::judge(current, epoch).is_current() {
             return refused(Refusal::StaleEpoch {
                 request: epoch,
                 current,
@@ -825,7 +825,7 @@ impl Manager {
                 reason: format!("{server} is not resyncing {name} pages {first_page}.."),
             });
         }
-        if epoch != current {
+        if !EpochVerdict::judge(current, epoch).is_current() {
             return Err(Refusal::StaleEpoch {
                 request: epoch,
                 current,

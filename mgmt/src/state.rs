@@ -163,7 +163,7 @@ impl ClusterState {
     pub fn apply(&mut self, command: &Command) -> Result<Outcome, Refusal> {
         let mut next = self.clone();
         let mut outcome = Outcome::default();
-        next.epoch = Epoch(self.epoch.0 + 1);
+        next.epoch = self.epoch.next();
         next.apply_inner(command, &mut outcome)?;
         for name in outcome.changed.keys() {
             if let Some(volume) = next.volumes.get_mut(name) {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use zerocopy::byteorder::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+pub use super::epoch::Epoch;
 use super::error::ProtoError;
 
 /// `b"TSRQ"` read as a little-endian u32.
@@ -58,18 +59,6 @@ pub struct VolumeId(pub u64);
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "vol-{}", self.0)
-    }
-}
-
-/// A configuration epoch: a logical timestamp that never decreases.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-pub struct Epoch(pub u64);
-
-impl fmt::Display for Epoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "e{}", self.0)
     }
 }
 

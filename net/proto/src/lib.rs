@@ -1,5 +1,6 @@
 //! The wire protocol, sans-IO: no sockets, no async runtime.
 //!
+//! * [`epoch`]: the configuration epoch and its one judge, [`EpochVerdict`].
 //! * [`header`]: the fixed data-path request and reply headers (zerocopy),
 //!   opcodes, statuses, crc32c payload checks and their validation.
 //! * [`mgmt`]: management messages (serde) in versioned, length-prefixed frames.
@@ -8,11 +9,13 @@
 //! Everything here reads untrusted bytes and returns a typed [`ProtoError`];
 //! nothing panics and nothing allocates from an unchecked length.
 
+pub mod epoch;
 pub mod error;
 pub mod header;
 pub mod mgmt;
 pub mod units;
 
+pub use epoch::EpochVerdict;
 pub use error::ProtoError;
 pub use header::{
     BLOCK_SIZE, Epoch, FLAG_FUA, FLAG_REPLICA, FLAG_RESYNC, Forward, MAX_ERROR_MESSAGE, MAX_IO_LEN,
