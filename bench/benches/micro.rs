@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tessera_engine::bitmask::Bitmasks;
-use tessera_engine::store::partition_of;
 use tessera_net::proto::{
     Epoch, MirrorState, Opcode, Partition, Replica, Request, VolumeId, VolumeMap, parse_request,
 };
@@ -55,7 +54,7 @@ fn bitmasks(c: &mut Criterion) {
 
 fn map_lookup(c: &mut Criterion) {
     let addr: SocketAddr = "127.0.0.1:7401".parse().unwrap();
-    for partitions in [3u64, 64] {
+    for partitions in [3u64, 64, 4096] {
         let map = VolumeMap {
             id: VolumeId(1),
             name: "v".into(),
@@ -76,7 +75,7 @@ fn map_lookup(c: &mut Criterion) {
         };
         let page = partitions * 1024 - 1;
         c.bench_function(&format!("map lookup, {partitions} partitions"), |b| {
-            b.iter(|| black_box(partition_of(black_box(&map), black_box(page))))
+            b.iter(|| black_box(black_box(&map).partition_at(black_box(page))))
         });
     }
 }

@@ -139,7 +139,12 @@ impl Client {
             Ok(MgmtReply::Map(map)) if map.page_size == 0 => Err(DriverError::NoManagement {
                 reason: "the map has page size 0".into(),
             }),
-            Ok(MgmtReply::Map(map)) => Ok(map),
+            Ok(MgmtReply::Map(map)) => match map.check_layout() {
+                Ok(()) => Ok(map),
+                Err(e) => Err(DriverError::NoManagement {
+                    reason: format!("the map of {name} is not usable: {e}"),
+                }),
+            },
             Ok(other) => Err(DriverError::NoManagement {
                 reason: format!("unexpected reply {other:?}"),
             }),
@@ -362,12 +367,7 @@ impl VolumeInner {
             }
             let map = self.map.load_full();
             let page = piece.offset / u64::from(map.page_size);
-            let Some(primary) = map
-                .partitions
-                .iter()
-                .find(|p| p.first_page <= page && page < p.end_page)
-                .and_then(|p| p.replicas.first())
-            else {
+            let Some(primary) = map.partition_at(page).and_then(|p| p.replicas.first()) else {
                 last = format!("page {page} has no replica in map epoch {}", map.epoch);
                 self.refresh(map.epoch).await?;
                 continue;

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::aligned::AlignedBuf;
 use crate::server::Service;
-use crate::store::{Admitted, ReadPiece, Refusal, Volume, partition_of};
+use crate::store::{Admitted, ReadPiece, Refusal, Volume};
 
 /// Regions copied between two cleaning steps of a resync.
 const RESYNC_BATCH: usize = 64;
@@ -631,7 +631,7 @@ pub async fn primary_write(
         message: "no map yet".into(),
     })?;
     let page = request.offset / u64::from(map.page_size);
-    let Some(partition) = partition_of(&map, page) else {
+    let Some(partition) = map.partition_at(page) else {
         return Err(Refusal {
             status: Status::NotOwner,
             epoch,
@@ -803,7 +803,7 @@ pub async fn mirror_write(
     let repl = &service.replication;
     if request.flags & FLAG_RESYNC == 0
         && let Some(map) = volume.map()
-        && let Some(p) = partition_of(&map, request.offset / u64::from(map.page_size))
+        && let Some(p) = map.partition_at(request.offset / u64::from(map.page_size))
     {
         let others: Vec<&str> = p
             .replicas
@@ -932,9 +932,7 @@ async fn clean_for(
         reason: "no map yet".into(),
     })?;
     let partition = map
-        .partitions
-        .iter()
-        .find(|p| p.first_page == first_page)
+        .partition_starting_at(first_page)
         .filter(|p| p.replicas.first().is_some_and(|r| r.server == sender.name))
         .ok_or_else(|| MgmtRefusal::Invalid {
             reason: format!("{} is not the primary of pages {first_page}..", sender.name),
@@ -1208,11 +1206,7 @@ fn still_leading(
 ) -> Option<(Rc<Volume>, Rc<VolumeMap>, Partition, Replica)> {
     let v = service.store.volume(volume)?;
     let map = v.map()?;
-    let p = map
-        .partitions
-        .iter()
-        .find(|p| p.first_page == first_page)?
-        .clone();
+    let p = map.partition_starting_at(first_page)?.clone();
     if !service.replication.leads(&p) {
         return None;
     }

@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 use tessera_net::proto::{
     Epoch, EpochVerdict, FLAG_REPLICA, FLAG_RESYNC, MAX_VOLUME_SIZE, MgmtReply, MirrorState,
-    Partition, Request, Role, Status, VolumeId, VolumeMap,
+    Request, Role, Status, VolumeId, VolumeMap,
 };
 use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -588,13 +588,14 @@ impl<D: BlockDevice> Store<D> {
                 reason: format!("page size {} is not a multiple of {BLOCK}", map.page_size),
             });
         }
+        check_layout(map)?;
         let me = &self.superblock.server_name;
         let mut record = VolumeRecord {
             id: map.id,
             epoch: map.epoch,
             size: map.size,
             page_size: map.page_size,
-            ranges: owned_ranges(map, me),
+            ranges: map.owned_ranges(me),
             flags: 0,
         };
         let in_sync = map
@@ -673,6 +674,7 @@ impl<D: BlockDevice> Store<D> {
     /// run of the check `apply_map` makes, for the management server to ask
     /// before it changes a layout.
     pub fn check_map(&self, map: &VolumeMap) -> Result<(), EngineError> {
+        check_layout(map)?;
         let Some(volume) = self.volume(map.id) else {
             return Ok(());
         };
@@ -681,7 +683,7 @@ impl<D: BlockDevice> Store<D> {
             epoch: map.epoch,
             size: map.size,
             page_size: map.page_size,
-            ranges: owned_ranges(map, &self.superblock.server_name),
+            ranges: map.owned_ranges(&self.superblock.server_name),
             flags: volume.record.borrow().flags,
         };
         self.refuse_data_loss(&volume.record.borrow(), &record)
@@ -833,7 +835,7 @@ impl<D: BlockDevice> Store<D> {
             ));
         };
         let me = &self.superblock.server_name;
-        let Some(partition) = partition_of(&map, first).filter(|p| last < p.end_page) else {
+        let Some(partition) = map.partition_at(first).filter(|p| last < p.end_page) else {
             return Err(Refusal::new(
                 Status::NotOwner,
                 record.epoch,
@@ -1161,28 +1163,10 @@ fn choose_copy(area: &[u8], index: u64, home: u64) -> Result<(u64, &[u8]), Engin
     .ok_or(EngineError::MetadataDamaged { block: home })
 }
 
-/// The partition holding `page`.
-pub fn partition_of(map: &VolumeMap, page: u64) -> Option<&Partition> {
-    map.partitions
-        .iter()
-        .find(|p| p.first_page <= page && page < p.end_page)
-}
-
-/// The page ranges of `map` that `server` holds a replica of, merged and sorted.
-pub fn owned_ranges(map: &VolumeMap, server: &str) -> Vec<(u64, u64)> {
-    let mut ranges: Vec<(u64, u64)> = map
-        .partitions
-        .iter()
-        .filter(|p| p.first_page < p.end_page && p.replicas.iter().any(|r| r.server == server))
-        .map(|p| (p.first_page, p.end_page))
-        .collect();
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (first, end) in ranges {
-        match merged.last_mut() {
-            Some(last) if first <= last.1 => last.1 = last.1.max(end),
-            _ => merged.push((first, end)),
-        }
-    }
-    merged
+/// Every lookup in a map is a binary search over its sorted partitions: a
+/// map whose partitions are not in order is refused.
+fn check_layout(map: &VolumeMap) -> Result<(), EngineError> {
+    map.check_layout().map_err(|e| EngineError::Config {
+        reason: format!("volume {}: {e}", map.id),
+    })
 }

@@ -87,6 +87,15 @@ pub enum ProtoError {
     /// Trailing bytes after a complete management message.
     #[error("{extra} trailing bytes after the management message")]
     TrailingBytes { extra: usize },
+    /// A map's partitions are out of order or overlap.
+    #[error(
+        "partition {index} (pages {first_page}..{end_page}) is empty-backwards or overlaps the one before"
+    )]
+    PartitionOrder {
+        index: usize,
+        first_page: u64,
+        end_page: u64,
+    },
     /// The message could not be encoded (a bug or an over-large message).
     #[error("cannot encode message: {reason}")]
     Encode { reason: String },

@@ -105,7 +105,57 @@ pub struct VolumeMap {
     pub epoch: Epoch,
     pub size: u64,
     pub page_size: u32,
+    /// Sorted by first page and disjoint ([`VolumeMap::check_layout`]).
     pub partitions: Vec<Partition>,
+}
+
+impl VolumeMap {
+    /// The partition holding `page`, by binary search over the sorted partitions.
+    pub fn partition_at(&self, page: u64) -> Option<&Partition> {
+        let i = self.partitions.partition_point(|p| p.end_page <= page);
+        self.partitions
+            .get(i)
+            .filter(|p| p.first_page <= page && page < p.end_page)
+    }
+
+    /// The partition that starts at `first_page` (how peers name a partition).
+    pub fn partition_starting_at(&self, first_page: u64) -> Option<&Partition> {
+        self.partition_at(first_page)
+            .filter(|p| p.first_page == first_page)
+    }
+
+    /// The page ranges `server` holds a replica of, merged and sorted.
+    pub fn owned_ranges(&self, server: &str) -> Vec<(u64, u64)> {
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        let held = self
+            .partitions
+            .iter()
+            .filter(|p| p.first_page < p.end_page && p.replicas.iter().any(|r| r.server == server));
+        for p in held {
+            match merged.last_mut() {
+                Some(last) if p.first_page <= last.1 => last.1 = last.1.max(p.end_page),
+                _ => merged.push((p.first_page, p.end_page)),
+            }
+        }
+        merged
+    }
+
+    /// Partitions in order, none overlapping the one before: what the
+    /// lookups above rely on. Checked on every map a server or client takes.
+    pub fn check_layout(&self) -> Result<(), ProtoError> {
+        let mut end = 0;
+        for (index, p) in self.partitions.iter().enumerate() {
+            if p.first_page < end || p.end_page < p.first_page {
+                return Err(ProtoError::PartitionOrder {
+                    index,
+                    first_page: p.first_page,
+                    end_page: p.end_page,
+                });
+            }
+            end = p.end_page;
+        }
+        Ok(())
+    }
 }
 
 /// Changes only an admin may make.

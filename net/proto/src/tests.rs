@@ -780,3 +780,79 @@ proptest! {
         let _ = decode_frame::<MgmtReply>(&bytes);
     }
 }
+
+/// A map of partitions with the given page lengths (0 allowed), each held
+/// by one of three servers.
+fn layout(lengths: &[u64], holders: &[u8]) -> VolumeMap {
+    let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    let mut first = 0;
+    let partitions = lengths
+        .iter()
+        .zip(holders.iter().cycle())
+        .map(|(len, holder)| {
+            let p = Partition {
+                first_page: first,
+                end_page: first + len,
+                replicas: vec![Replica {
+                    server: format!("s{}", holder % 3),
+                    addr,
+                    state: MirrorState::InSync,
+                }],
+            };
+            first += len;
+            p
+        })
+        .collect();
+    VolumeMap {
+        partitions,
+        ..sample_map()
+    }
+}
+
+#[test]
+fn a_disordered_layout_is_refused() {
+    let mut map = layout(&[4, 4, 4], &[0]);
+    map.check_layout().unwrap();
+    map.partitions.swap(0, 2);
+    assert_eq!(
+        map.check_layout().unwrap_err(),
+        ProtoError::PartitionOrder {
+            index: 1,
+            first_page: 4,
+            end_page: 8
+        }
+    );
+    let mut backwards = layout(&[4], &[0]);
+    backwards.partitions[0].first_page = 5;
+    assert!(backwards.check_layout().is_err());
+}
+
+proptest! {
+    /// The binary searches find what a scan of every partition finds.
+    #[test]
+    fn lookups_agree_with_a_scan(
+        lengths in prop::collection::vec(0u64..20, 0..40),
+        holders in prop::collection::vec(any::<u8>(), 1..40),
+        page in 0u64..900,
+    ) {
+        let map = layout(&lengths, &holders);
+        prop_assert!(map.check_layout().is_ok());
+        let scanned = map.partitions.iter().find(|p| p.first_page <= page && page < p.end_page);
+        prop_assert_eq!(map.partition_at(page), scanned);
+        let starting = map.partitions.iter().find(|p| p.first_page == page && p.first_page < p.end_page);
+        prop_assert_eq!(map.partition_starting_at(page), starting);
+        for server in ["s0", "s1", "s2"] {
+            let mut pages: Vec<u64> = map
+                .partitions
+                .iter()
+                .filter(|p| p.replicas.iter().any(|r| r.server == server))
+                .flat_map(|p| p.first_page..p.end_page)
+                .collect();
+            pages.sort_unstable();
+            let ranges = map.owned_ranges(server);
+            let from_ranges: Vec<u64> = ranges.iter().flat_map(|(a, b)| *a..*b).collect();
+            prop_assert_eq!(from_ranges, pages);
+            prop_assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "unmerged {:?}", ranges);
+        }
+    }
+}
