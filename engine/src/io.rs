@@ -157,3 +157,89 @@ impl BlockDevice for StdDevice {
         self.file.sync_data()
     }
 }
+
+/// A device in memory: for unit tests and harnesses that need no file,
+/// process or socket. Clones share the same bytes, so a test can reopen a
+/// store on what the previous one wrote, or damage it in between.
+#[derive(Debug, Clone)]
+pub struct MemDevice {
+    bytes: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
+    failing: std::rc::Rc<std::cell::RefCell<Option<Range<u64>>>>,
+}
+
+impl MemDevice {
+    /// A blank device of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        MemDevice {
+            bytes: std::rc::Rc::new(std::cell::RefCell::new(vec![0; size])),
+            failing: std::rc::Rc::default(),
+        }
+    }
+
+    /// From now on writes that start in `range` fail with an I/O error (a
+    /// dying disk, or only its metadata area); `None` heals it.
+    pub fn fail_writes(&self, range: Option<Range<u64>>) {
+        *self.failing.borrow_mut() = range;
+    }
+
+    /// Change the bytes in place (to damage metadata, say).
+    pub fn edit(&self, f: impl FnOnce(&mut [u8])) {
+        f(&mut self.bytes.borrow_mut());
+    }
+}
+
+fn past_end() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "past the end of the device")
+}
+
+impl BlockDevice for MemDevice {
+    async fn read_at(
+        &self,
+        mut buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let bytes = self.bytes.borrow();
+        let result = match buf.get_mut(range) {
+            Some(dst) => usize::try_from(pos)
+                .ok()
+                .and_then(|at| bytes.get(at..at.checked_add(dst.len())?))
+                .map(|src| dst.copy_from_slice(src))
+                .ok_or_else(past_end),
+            None => Err(range_error()),
+        };
+        drop(bytes);
+        (result, buf)
+    }
+
+    async fn write_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        if self
+            .failing
+            .borrow()
+            .as_ref()
+            .is_some_and(|r| r.contains(&pos))
+        {
+            return (Err(io::Error::other("injected write failure")), buf);
+        }
+        let mut bytes = self.bytes.borrow_mut();
+        let result = match buf.get(range) {
+            Some(src) => usize::try_from(pos)
+                .ok()
+                .and_then(|at| bytes.get_mut(at..at.checked_add(src.len())?))
+                .map(|dst| dst.copy_from_slice(src))
+                .ok_or_else(past_end),
+            None => Err(range_error()),
+        };
+        drop(bytes);
+        (result, buf)
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+}

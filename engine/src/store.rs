@@ -133,7 +133,7 @@ type ChunkKey = (VolumeId, u64);
 pub struct Store<D> {
     dev: D,
     /// Holds the exclusive lock on the data file while the store is open.
-    _lock: std::fs::File,
+    _lock: Option<std::fs::File>,
     path: PathBuf,
     superblock: Superblock,
     volume_blocks: Vec<MetaBlock>,
@@ -248,9 +248,29 @@ pub async fn format<D: BlockDevice>(
 
 impl<D: BlockDevice> Store<D> {
     /// Load a formatted device: the volume table and the slot table.
+    /// `lock` holds the data file's exclusive lock for as long as the store lives.
     pub async fn open(
         dev: D,
         lock: std::fs::File,
+        path: &Path,
+        superblock: Superblock,
+    ) -> Result<Self, EngineError> {
+        Self::load(dev, Some(lock), path, superblock).await
+    }
+
+    /// As [`Store::open`], for a device no other process can reach (a
+    /// [`MemDevice`](crate::io::MemDevice)), which needs no lock.
+    pub async fn open_unlocked(
+        dev: D,
+        path: &Path,
+        superblock: Superblock,
+    ) -> Result<Self, EngineError> {
+        Self::load(dev, None, path, superblock).await
+    }
+
+    async fn load(
+        dev: D,
+        lock: Option<std::fs::File>,
         path: &Path,
         superblock: Superblock,
     ) -> Result<Self, EngineError> {
@@ -1170,3 +1190,7 @@ fn check_layout(map: &VolumeMap) -> Result<(), EngineError> {
         reason: format!("volume {}: {e}", map.id),
     })
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
