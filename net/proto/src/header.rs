@@ -115,7 +115,8 @@ pub enum Status {
     Ok = 0,
     /// The request's epoch is not the server's; the reply's epoch is the server's.
     StaleEpoch = 1,
-    /// The client is fenced from this volume.
+    /// The client is fenced from this volume. Reserved for lock-manager
+    /// fencing: no server sends it yet (the driver already handles it).
     Fenced = 2,
     /// The server does not hold this volume or page.
     NotOwner = 3,

@@ -385,6 +385,7 @@ pub enum Refusal {
     AlreadyExists { kind: String, name: String },
     #[error("invalid request: {reason}")]
     Invalid { reason: String },
+    /// Reserved for lock-manager fencing: nothing sends it yet.
     #[error("client {client:?} is fenced from volume {volume:?}")]
     Fenced { volume: String, client: String },
     #[error("management server unavailable: {reason}")]
