@@ -23,6 +23,7 @@ use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::future::join_all;
 use tessera_net::proto::{
     Epoch, EpochVerdict, FLAG_RESYNC, Forward, MgmtReply, MgmtRequest, MirrorReport, MirrorState,
@@ -100,6 +101,35 @@ struct Resync {
 type PeerKey = (VolumeId, String);
 /// A mirror of one partition: volume, mirror, the partition's first page.
 type MirrorKey = (VolumeId, String, u64);
+/// Failed forwards by partition (volume, first page), then by mirror: looked
+/// up on every forward by the mirror's name without building a key.
+#[derive(Debug, Default)]
+struct Failures(HashMap<(VolumeId, u64), HashMap<String, Rc<Failure>>>);
+
+impl Failures {
+    fn get(&self, volume: VolumeId, first_page: u64, server: &str) -> Option<&Rc<Failure>> {
+        self.0.get(&(volume, first_page))?.get(server)
+    }
+
+    fn get_or_insert(&mut self, volume: VolumeId, first_page: u64, server: &str) -> Rc<Failure> {
+        let by_mirror = self.0.entry((volume, first_page)).or_default();
+        match by_mirror.get(server) {
+            Some(failure) => failure.clone(),
+            None => by_mirror.entry(server.to_string()).or_default().clone(),
+        }
+    }
+
+    fn remove(&mut self, volume: VolumeId, first_page: u64, server: &str) {
+        if let Some(by_mirror) = self.0.get_mut(&(volume, first_page)) {
+            by_mirror.remove(server);
+        }
+    }
+
+    fn forget_volume(&mut self, volume: VolumeId) {
+        self.0.retain(|(v, _), _| *v != volume);
+    }
+}
+
 /// Client writes hold a region's lock shared; a resync copy holds it exclusively.
 type RegionLock = Rc<RwLock<()>>;
 
@@ -120,7 +150,7 @@ pub struct Replication {
     /// Cleaning passes so far; a region written `hold_passes` passes ago is cold.
     passes: Cell<u64>,
     locks: RefCell<HashMap<(VolumeId, u64), RegionLock>>,
-    failures: RefCell<HashMap<MirrorKey, Rc<Failure>>>,
+    failures: RefCell<Failures>,
     /// Partitions newly led whose in-sync mirrors must be asked for their
     /// bits (a write may have reached a mirror but not this server).
     probe: RefCell<HashSet<MirrorKey>>,
@@ -317,7 +347,7 @@ impl Replication {
     fn written_off(&self, volume: VolumeId, server: &str, first_page: u64) -> bool {
         self.failures
             .borrow()
-            .get(&(volume, server.to_string(), first_page))
+            .get(volume, first_page, server)
             .is_some_and(|f| matches!(f.reported.get(), Some(Ok(()))))
     }
 
@@ -336,9 +366,7 @@ impl Replication {
     /// replicas only: the regions its bits name are copied to the in-sync
     /// mirrors before those bits may clear.
     pub fn map_changed(&self, service: &Service, volume: VolumeId) {
-        self.failures
-            .borrow_mut()
-            .retain(|(v, _, _), _| *v != volume);
+        self.failures.borrow_mut().forget_volume(volume);
         let Some(held) = service.store.volume(volume) else {
             return;
         };
@@ -404,15 +432,13 @@ impl Replication {
         target: &Replica,
         request: &Request,
         kind: Forward,
-        payload: &[u8],
+        payload: Bytes,
     ) -> Result<(), ForwardError> {
         let (volume, first_page) = key;
         let failure = self
             .failures
             .borrow_mut()
-            .entry((volume, target.server.clone(), first_page))
-            .or_default()
-            .clone();
+            .get_or_insert(volume, first_page, &target.server);
         let abandoned = failure.signal.notified();
         let deadline = Instant::now() + self.settings.forward_timeout;
         let attempt = async {
@@ -424,7 +450,10 @@ impl Replication {
                     .get(target.addr, &target.server)
                     .await
                     .map_err(failed)?;
-                let (reply, message) = conn.data(&forwarded, payload).await.map_err(failed)?;
+                let (reply, message) = conn
+                    .data_shared(&forwarded, payload.clone())
+                    .await
+                    .map_err(failed)?;
                 // The mirror's verdict on our epoch, judged against what it holds.
                 let verdict = EpochVerdict::judge(reply.epoch, request.epoch);
                 match reply.status {
@@ -469,17 +498,16 @@ impl Replication {
         first_page: u64,
         server: &str,
     ) -> Result<(), Refusal> {
-        let key = (volume, server.to_string(), first_page);
         let failure = {
             let mut failures = self.failures.borrow_mut();
             // A report that failed earlier is tried again.
             if failures
-                .get(&key)
+                .get(volume, first_page, server)
                 .is_some_and(|f| matches!(f.reported.get(), Some(Err(_))))
             {
-                failures.remove(&key);
+                failures.remove(volume, first_page, server);
             }
-            failures.entry(key).or_default().clone()
+            failures.get_or_insert(volume, first_page, server)
         };
         failure.signal.notify_waiters();
         let result = failure
@@ -658,17 +686,21 @@ pub async fn primary_write(
     let (targets, skipped): (Vec<&Replica>, Vec<&Replica>) = peers.iter().copied().partition(|r| {
         r.state != MirrorState::OutOfSync && !repl.written_off(volume.id, &r.server, first_page)
     });
-    // The local write owns the aligned buffer; the forwards need their own copy.
+    // The local write owns the aligned buffer; the forwards share one copy.
     let bytes = match &payload {
-        Some(p) if !targets.is_empty() => p.to_vec(),
-        _ => Vec::new(),
+        Some(p) if !targets.is_empty() => Bytes::copy_from_slice(p),
+        _ => Bytes::new(),
     };
     let local = apply_local(service, volume, request, payload);
-    let remote = join_all(
-        targets
-            .iter()
-            .map(|t| repl.forward((volume.id, first_page), t, request, Forward::Client, &bytes)),
-    );
+    let remote = join_all(targets.iter().map(|t| {
+        repl.forward(
+            (volume.id, first_page),
+            t,
+            request,
+            Forward::Client,
+            bytes.clone(),
+        )
+    }));
     let (local, remote) = futures_util::future::join(local, remote).await;
     // Replicas that did not take the write get this region copied before its
     // bits may clear (all of them, with our version, if ours failed).
@@ -778,10 +810,15 @@ pub async fn primary_flush(
     }
     let request = Request::new(Opcode::Flush, volume.id, epoch, 0, 0, 0);
     let local = service.store.flush();
-    let remote =
-        join_all(targets.iter().map(|(t, pages)| {
-            repl.forward((volume.id, pages[0]), t, &request, Forward::Client, &[])
-        }));
+    let remote = join_all(targets.iter().map(|(t, pages)| {
+        repl.forward(
+            (volume.id, pages[0]),
+            t,
+            &request,
+            Forward::Client,
+            Bytes::new(),
+        )
+    }));
     let (local, remote) = futures_util::future::join(local, remote).await;
     drop(admitted);
     local.map_err(|e| io_refusal(volume, &e))?;
@@ -1142,7 +1179,7 @@ async fn clean(service: &Service) {
         let flush = Request::new(Opcode::Flush, volume.id, epoch, 0, 0, 0);
         let key = (volume.id, partition.first_page);
         if repl
-            .forward(key, &peer, &flush, Forward::Client, &[])
+            .forward(key, &peer, &flush, Forward::Client, Bytes::new())
             .await
             .is_err()
         {
@@ -1401,7 +1438,7 @@ async fn copy_region(
         &peer,
         &request,
         Forward::Resync,
-        &data,
+        Bytes::from(data),
     )
     .await?;
     Ok((u64::from(len), stamp))
@@ -1421,7 +1458,13 @@ async fn finish_batch(service: &Service, key: &MirrorKey, copied: &[(u64, Option
     let epoch = volume.epoch();
     let flush = Request::new(Opcode::Flush, volume_id, epoch, 0, 0, 0);
     if let Err(reason) = repl
-        .forward((volume_id, first_page), &peer, &flush, Forward::Client, &[])
+        .forward(
+            (volume_id, first_page),
+            &peer,
+            &flush,
+            Forward::Client,
+            Bytes::new(),
+        )
         .await
     {
         warn!(mirror = peer_name, %reason, "flush after resync batch failed");

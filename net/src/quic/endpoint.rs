@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
@@ -337,12 +338,35 @@ impl PeerConnection {
         payload: &[u8],
         out: &mut [u8],
     ) -> Result<(Reply, Vec<u8>), QuicError> {
-        let (mut send, mut recv) = self.open_stream().await?;
-        // Header and payload in one write: one pass through the connection's lock.
+        // Header and payload in one chunk: one pass through the connection's lock.
         let mut message = Vec::with_capacity(REQUEST_HEADER_LEN + payload.len());
         message.extend_from_slice(&request.encode());
         message.extend_from_slice(payload);
-        match send.write_chunk(message.into()).await {
+        self.exchange(request, &mut [message.into()], out).await
+    }
+
+    /// As [`data`](Self::data), for a payload already shared as `Bytes`
+    /// (a primary forwarding one write to several mirrors): the header and
+    /// the payload go out as two chunks of one write, the payload uncopied.
+    pub async fn data_shared(
+        &self,
+        request: &Request,
+        payload: Bytes,
+    ) -> Result<(Reply, Vec<u8>), QuicError> {
+        let header = Bytes::copy_from_slice(&request.encode());
+        self.exchange(request, &mut [header, payload], &mut [])
+            .await
+    }
+
+    /// Send a request's chunks on a stream of its own and read the reply.
+    async fn exchange(
+        &self,
+        request: &Request,
+        chunks: &mut [Bytes],
+        out: &mut [u8],
+    ) -> Result<(Reply, Vec<u8>), QuicError> {
+        let (mut send, mut recv) = self.open_stream().await?;
+        match send.write_all_chunks(chunks).await {
             Ok(()) => send.finish()?,
             // A server refusing a request (stale epoch, bad header) answers at
             // once and stops reading; its reply is still waiting.
