@@ -23,6 +23,10 @@ pub enum DriverError {
     /// The management server refused (e.g. no such volume).
     #[error("management server: {0}")]
     Refused(Refusal),
+    /// The management server sent a map this client cannot use (its
+    /// partitions out of order, or a page size of 0).
+    #[error("the map of volume {volume} is not usable: {reason}")]
+    UnusableMap { volume: String, reason: String },
     /// None of the management servers could be reached.
     #[error("no management server reachable: {reason}")]
     NoManagement { reason: String },

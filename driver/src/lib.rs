@@ -136,13 +136,15 @@ impl Client {
                 })
             });
         match reply {
-            Ok(MgmtReply::Map(map)) if map.page_size == 0 => Err(DriverError::NoManagement {
-                reason: "the map has page size 0".into(),
+            Ok(MgmtReply::Map(map)) if map.page_size == 0 => Err(DriverError::UnusableMap {
+                volume: name.to_string(),
+                reason: "its page size is 0".into(),
             }),
             Ok(MgmtReply::Map(map)) => match map.check_layout() {
                 Ok(()) => Ok(map),
-                Err(e) => Err(DriverError::NoManagement {
-                    reason: format!("the map of {name} is not usable: {e}"),
+                Err(e) => Err(DriverError::UnusableMap {
+                    volume: name.to_string(),
+                    reason: e.to_string(),
                 }),
             },
             Ok(other) => Err(DriverError::NoManagement {
@@ -510,6 +512,11 @@ impl VolumeInner {
             // The management server may be restarting: keep the map and retry later.
             Err(DriverError::NoManagement { reason }) => {
                 debug!(%reason, "map refresh failed");
+                Ok(())
+            }
+            // A map that cannot be used is not taken: the old one stays.
+            Err(e @ DriverError::UnusableMap { .. }) => {
+                warn!(error = %e, "map refresh refused the new map");
                 Ok(())
             }
             Err(e) => Err(e),

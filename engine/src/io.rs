@@ -176,7 +176,7 @@ impl MemDevice {
         }
     }
 
-    /// From now on writes that start in `range` fail with an I/O error (a
+    /// From now on writes that touch `range` fail with an I/O error (a
     /// dying disk, or only its metadata area); `None` heals it.
     pub fn fail_writes(&self, range: Option<Range<u64>>) {
         *self.failing.borrow_mut() = range;
@@ -218,11 +218,12 @@ impl BlockDevice for MemDevice {
         range: Range<usize>,
         pos: u64,
     ) -> (io::Result<()>, AlignedBuf) {
+        let end = pos.saturating_add(range.len() as u64);
         if self
             .failing
             .borrow()
             .as_ref()
-            .is_some_and(|r| r.contains(&pos))
+            .is_some_and(|r| pos < r.end && r.start < end)
         {
             return (Err(io::Error::other("injected write failure")), buf);
         }

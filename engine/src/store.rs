@@ -246,6 +246,17 @@ pub async fn format<D: BlockDevice>(
     dev.sync_data().await.map_err(io_err("sync", path))
 }
 
+impl Store<crate::io::MemDevice> {
+    /// As [`Store::open`] for an in-memory device, which no other process
+    /// can reach and so needs no lock.
+    pub async fn open_in_memory(
+        dev: crate::io::MemDevice,
+        superblock: Superblock,
+    ) -> Result<Self, EngineError> {
+        Self::load(dev, None, Path::new("memory"), superblock).await
+    }
+}
+
 impl<D: BlockDevice> Store<D> {
     /// Load a formatted device: the volume table and the slot table.
     /// `lock` holds the data file's exclusive lock for as long as the store lives.
@@ -256,16 +267,6 @@ impl<D: BlockDevice> Store<D> {
         superblock: Superblock,
     ) -> Result<Self, EngineError> {
         Self::load(dev, Some(lock), path, superblock).await
-    }
-
-    /// As [`Store::open`], for a device no other process can reach (a
-    /// [`MemDevice`](crate::io::MemDevice)), which needs no lock.
-    pub async fn open_unlocked(
-        dev: D,
-        path: &Path,
-        superblock: Superblock,
-    ) -> Result<Self, EngineError> {
-        Self::load(dev, None, path, superblock).await
     }
 
     async fn load(

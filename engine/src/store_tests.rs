@@ -46,7 +46,7 @@ async fn fresh() -> (MemDevice, Store<MemDevice>) {
 }
 
 async fn reopen(dev: &MemDevice) -> Result<Store<MemDevice>, EngineError> {
-    Store::open_unlocked(dev.clone(), Path::new("mem"), superblock()).await
+    Store::open_in_memory(dev.clone(), superblock()).await
 }
 
 fn replica(server: &str) -> Replica {

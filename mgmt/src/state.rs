@@ -169,6 +169,11 @@ impl ClusterState {
             if let Some(volume) = next.volumes.get_mut(name) {
                 volume.epoch = next.epoch;
             }
+            // Servers and drivers refuse a map they cannot search: never commit one.
+            if let Some(map) = next.volume_map(name) {
+                map.check_layout()
+                    .map_err(|e| invalid(format!("volume {name}: {e}")))?;
+            }
         }
         outcome.epoch = next.epoch;
         *self = next;

@@ -781,15 +781,17 @@ proptest! {
     }
 }
 
-/// A map of partitions with the given page lengths (0 allowed), each held
-/// by one of three servers.
-fn layout(lengths: &[u64], holders: &[u8]) -> VolumeMap {
+/// A map of partitions with the given page lengths (0 allowed), each after
+/// a gap of the given pages (cycled) and held by one of three servers.
+fn layout(lengths: &[u64], gaps: &[u64], holders: &[u8]) -> VolumeMap {
     let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
     let mut first = 0;
     let partitions = lengths
         .iter()
+        .zip(gaps.iter().cycle())
         .zip(holders.iter().cycle())
-        .map(|(len, holder)| {
+        .map(|((len, gap), holder)| {
+            first += gap;
             let p = Partition {
                 first_page: first,
                 end_page: first + len,
@@ -811,7 +813,7 @@ fn layout(lengths: &[u64], holders: &[u8]) -> VolumeMap {
 
 #[test]
 fn a_disordered_layout_is_refused() {
-    let mut map = layout(&[4, 4, 4], &[0]);
+    let mut map = layout(&[4, 4, 4], &[0], &[0]);
     map.check_layout().unwrap();
     map.partitions.swap(0, 2);
     assert_eq!(
@@ -822,7 +824,7 @@ fn a_disordered_layout_is_refused() {
             end_page: 8
         }
     );
-    let mut backwards = layout(&[4], &[0]);
+    let mut backwards = layout(&[4], &[0], &[0]);
     backwards.partitions[0].first_page = 5;
     assert!(backwards.check_layout().is_err());
 }
@@ -832,10 +834,11 @@ proptest! {
     #[test]
     fn lookups_agree_with_a_scan(
         lengths in prop::collection::vec(0u64..20, 0..40),
+        gaps in prop::collection::vec(prop_oneof![Just(0u64), 1u64..5], 1..40),
         holders in prop::collection::vec(any::<u8>(), 1..40),
-        page in 0u64..900,
+        page in 0u64..1100,
     ) {
-        let map = layout(&lengths, &holders);
+        let map = layout(&lengths, &gaps, &holders);
         prop_assert!(map.check_layout().is_ok());
         let scanned = map.partitions.iter().find(|p| p.first_page <= page && page < p.end_page);
         prop_assert_eq!(map.partition_at(page), scanned);
@@ -854,5 +857,27 @@ proptest! {
             prop_assert_eq!(from_ranges, pages);
             prop_assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0), "unmerged {:?}", ranges);
         }
+    }
+
+    /// After random swaps, check_layout refuses exactly the maps in which
+    /// some partition starts before the end of the one before it.
+    #[test]
+    fn check_layout_refuses_exactly_the_disordered(
+        lengths in prop::collection::vec(0u64..6, 0..12),
+        gaps in prop::collection::vec(0u64..3, 1..12),
+        swaps in prop::collection::vec((0usize..12, 0usize..12), 0..3),
+    ) {
+        let mut map = layout(&lengths, &gaps, &[0]);
+        let n = map.partitions.len();
+        for (a, b) in swaps {
+            if n > 0 {
+                map.partitions.swap(a % n, b % n);
+            }
+        }
+        let ordered = map
+            .partitions
+            .windows(2)
+            .all(|w| w[0].end_page <= w[1].first_page);
+        prop_assert_eq!(map.check_layout().is_ok(), ordered);
     }
 }
