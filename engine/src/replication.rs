@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::aligned::AlignedBuf;
 use crate::server::Service;
-use crate::store::{Admitted, ReadPiece, Refusal, Volume};
+use crate::store::{Admission, Part, ReadPiece, Refusal, Volume};
 
 /// Regions copied between two cleaning steps of a resync.
 const RESYNC_BATCH: usize = 64;
@@ -641,29 +641,23 @@ async fn call(
 
 /// Execute an admitted write, trim or write-zeroes as the partition's
 /// primary: intent bits, local I/O and forwarding in parallel. The epoch
-/// gate (`admitted`) is let go once the I/O is done: waiting for the
+/// gate (`admission`) is let go once the I/O is done: waiting for the
 /// management server to record a lost mirror must not hold up a map push.
 pub async fn primary_write(
     service: &Service,
     volume: &Volume,
-    admitted: Admitted<'_>,
+    admission: Admission<'_>,
     request: &Request,
     payload: Option<AlignedBuf>,
 ) -> Result<(), Refusal> {
     let store = &service.store;
     let repl = &service.replication;
-    let epoch = volume.epoch();
-    let map = volume.map().ok_or_else(|| Refusal {
-        status: Status::Unavailable,
-        epoch,
-        message: "no map yet".into(),
-    })?;
-    let page = request.offset / u64::from(map.page_size);
-    let Some(partition) = map.partition_at(page) else {
+    let epoch = admission.epoch;
+    let Some(partition) = admission.partition(Part::Primary) else {
         return Err(Refusal {
             status: Status::NotOwner,
             epoch,
-            message: format!("page {page} is in no partition"),
+            message: "not admitted as the partition's primary".into(),
         });
     };
     let first_page = partition.first_page;
@@ -716,7 +710,7 @@ pub async fn primary_write(
     drop(guards);
     drop(locks);
     drop(in_flight);
-    drop(admitted);
+    drop(admission);
     let pages = [first_page];
     let outcomes = targets.iter().zip(remote).map(|(t, o)| (*t, &pages[..], o));
     settle(repl, volume.id, epoch, outcomes).await?;
@@ -786,14 +780,14 @@ impl Drop for RegionLocks<'_> {
 pub async fn primary_flush(
     service: &Service,
     volume: &Volume,
-    admitted: Admitted<'_>,
+    admission: Admission<'_>,
 ) -> Result<(), Refusal> {
     let repl = &service.replication;
-    let epoch = volume.epoch();
+    let epoch = admission.epoch;
     // Each mirror once, with every partition it mirrors for us (a failure
     // is reported for each of them).
     let mut targets: Vec<(Replica, Vec<u64>)> = Vec::new();
-    if let Some(map) = volume.map() {
+    if let Some(map) = &admission.placement.map {
         for p in map.partitions.iter().filter(|p| repl.leads(p)) {
             for r in p.replicas.iter().skip(1) {
                 if r.state == MirrorState::OutOfSync
@@ -820,7 +814,7 @@ pub async fn primary_flush(
         )
     }));
     let (local, remote) = futures_util::future::join(local, remote).await;
-    drop(admitted);
+    drop(admission);
     local.map_err(|e| io_refusal(volume, &e))?;
     let outcomes = targets
         .iter()
@@ -834,13 +828,13 @@ pub async fn primary_flush(
 pub async fn mirror_write(
     service: &Service,
     volume: &Volume,
+    admission: &Admission<'_>,
     request: &Request,
     payload: Option<AlignedBuf>,
 ) -> Result<(), Refusal> {
     let repl = &service.replication;
     if request.flags & FLAG_RESYNC == 0
-        && let Some(map) = volume.map()
-        && let Some(p) = map.partition_at(request.offset / u64::from(map.page_size))
+        && let Some(p) = admission.partition(Part::Mirror)
     {
         let others: Vec<&str> = p
             .replicas

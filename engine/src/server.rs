@@ -681,26 +681,26 @@ async fn execute(
     }
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
     let forwarded = request.flags & FLAG_REPLICA != 0;
-    let admitted = if forwarded {
+    let admission = if forwarded {
         // A primary waits on this with its own gate held: queueing behind a
         // map push here could close a cycle of servers waiting on each other.
         store.try_admit(&volume, request, peer)?
     } else {
         store.admit(&volume, request, peer).await?
     };
-    let epoch = volume.epoch();
+    let epoch = admission.epoch;
     let pieces = match (request.opcode, payload) {
         (Opcode::Read, _) => store.read(&volume, request.offset, request.length).await?,
         (Opcode::Write | Opcode::Trim | Opcode::WriteZeroes, payload) => {
             if forwarded {
-                replication::mirror_write(service, &volume, request, payload).await?;
+                replication::mirror_write(service, &volume, &admission, request, payload).await?;
             } else {
-                replication::primary_write(service, &volume, admitted, request, payload).await?;
+                replication::primary_write(service, &volume, admission, request, payload).await?;
             }
             Vec::new()
         }
         (Opcode::Flush, _) if !forwarded => {
-            replication::primary_flush(service, &volume, admitted).await?;
+            replication::primary_flush(service, &volume, admission).await?;
             Vec::new()
         }
         (Opcode::Flush, _) => {

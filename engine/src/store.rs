@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 use tessera_net::proto::{
     Epoch, EpochVerdict, FLAG_REPLICA, FLAG_RESYNC, MAX_VOLUME_SIZE, MgmtReply, MirrorState,
-    Request, Role, Status, VolumeId, VolumeMap,
+    Partition, Request, Role, Status, VolumeId, VolumeMap,
 };
 use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -126,6 +126,61 @@ impl Volume {
 #[derive(Debug)]
 pub struct Admitted<'a> {
     _gate: RwLockReadGuard<'a, ()>,
+}
+
+/// This server's part in the partition a request falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// It leads the partition: client requests come here and are forwarded.
+    Primary,
+    /// It mirrors the partition for the sender, the partition's primary.
+    Mirror,
+}
+
+/// One partition of a shared map slice; cheap to clone and keep.
+#[derive(Debug, Clone)]
+pub struct PartitionRef {
+    map: Rc<VolumeMap>,
+    /// Always a valid index of `map.partitions`: made only by `Store::check`.
+    index: usize,
+}
+
+impl std::ops::Deref for PartitionRef {
+    type Target = Partition;
+    fn deref(&self) -> &Partition {
+        &self.map.partitions[self.index]
+    }
+}
+
+/// Where `Store::check` found a request to fall: the map it was judged
+/// against and, for a request with a range, its partition and this
+/// server's part in it.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub map: Option<Rc<VolumeMap>>,
+    pub at: Option<(PartitionRef, Part)>,
+}
+
+/// An admitted request: what admission found, and the volume's epoch gate,
+/// held until the request's I/O is done. The paths that serve the request
+/// take this and look none of it up again.
+#[derive(Debug)]
+pub struct Admission<'a> {
+    /// The volume's epoch, fixed while this is held.
+    pub epoch: Epoch,
+    pub placement: Placement,
+    pub gate: Admitted<'a>,
+}
+
+impl Admission<'_> {
+    /// The partition of a ranged request, if this server has `part` in it.
+    pub fn partition(&self, part: Part) -> Option<PartitionRef> {
+        self.placement
+            .at
+            .as_ref()
+            .filter(|(_, p)| *p == part)
+            .map(|(partition, _)| partition.clone())
+    }
 }
 
 type ChunkKey = (VolumeId, u64);
@@ -800,7 +855,7 @@ impl<D: BlockDevice> Store<D> {
         volume: &Volume,
         request: &Request,
         peer: &PeerIdentity,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Placement, Refusal> {
         if self.failed.get() {
             return Err(Refusal::new(
                 Status::IoError,
@@ -826,7 +881,10 @@ impl<D: BlockDevice> Store<D> {
             ));
         }
         if !request.opcode.has_range() {
-            return Ok(());
+            return Ok(Placement {
+                map: volume.map(),
+                at: None,
+            });
         }
         if request.end() > record.size {
             return Err(Refusal::new(
@@ -856,13 +914,17 @@ impl<D: BlockDevice> Store<D> {
             ));
         };
         let me = &self.superblock.server_name;
-        let Some(partition) = map.partition_at(first).filter(|p| last < p.end_page) else {
+        let Some(index) = map
+            .partition_index_at(first)
+            .filter(|i| last < map.partitions[*i].end_page)
+        else {
             return Err(Refusal::new(
                 Status::NotOwner,
                 record.epoch,
                 format!("pages {first}..={last} are not one partition"),
             ));
         };
+        let partition = &map.partitions[index];
         let primary = partition.replicas.first().map(|r| r.server.as_str());
         if replica {
             let mirror = partition.replicas.iter().skip(1).find(|r| &r.server == me);
@@ -884,7 +946,12 @@ impl<D: BlockDevice> Store<D> {
                 format!("this server is not the primary of pages {first}..={last}"),
             ));
         }
-        Ok(())
+        let part = if replica { Part::Mirror } else { Part::Primary };
+        drop(record);
+        Ok(Placement {
+            map: Some(map.clone()),
+            at: Some((PartitionRef { map, index }, part)),
+        })
     }
 
     /// Look up the volume of a request, failing with NOT_OWNER.
@@ -899,16 +966,20 @@ impl<D: BlockDevice> Store<D> {
     }
 
     /// Admit a request: hold the volume's epoch gate and check the request.
-    /// Keep the returned guard until the request's I/O is complete.
+    /// Keep the returned admission until the request's I/O is complete.
     pub async fn admit<'v>(
         &self,
         volume: &'v Volume,
         request: &Request,
         peer: &PeerIdentity,
-    ) -> Result<Admitted<'v>, Refusal> {
+    ) -> Result<Admission<'v>, Refusal> {
         let gate = volume.gate.read().await;
-        self.check(volume, request, peer)?;
-        Ok(Admitted { _gate: gate })
+        let placement = self.check(volume, request, peer)?;
+        Ok(Admission {
+            epoch: volume.epoch(),
+            placement,
+            gate: Admitted { _gate: gate },
+        })
     }
 
     /// Admit a request without waiting: while a new epoch is being applied
@@ -919,7 +990,7 @@ impl<D: BlockDevice> Store<D> {
         volume: &'v Volume,
         request: &Request,
         peer: &PeerIdentity,
-    ) -> Result<Admitted<'v>, Refusal> {
+    ) -> Result<Admission<'v>, Refusal> {
         let gate = volume.gate.try_read().map_err(|_| {
             Refusal::new(
                 Status::StaleEpoch,
@@ -927,8 +998,12 @@ impl<D: BlockDevice> Store<D> {
                 "an epoch change is in progress",
             )
         })?;
-        self.check(volume, request, peer)?;
-        Ok(Admitted { _gate: gate })
+        let placement = self.check(volume, request, peer)?;
+        Ok(Admission {
+            epoch: volume.epoch(),
+            placement,
+            gate: Admitted { _gate: gate },
+        })
     }
 
     fn chunk_lock(&self, key: ChunkKey, create: bool) -> Option<Rc<RwLock<Option<u32>>>> {

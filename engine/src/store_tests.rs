@@ -337,3 +337,47 @@ fn a_torn_record_falls_back_and_a_failed_metadata_write_stops_the_store() {
         );
     });
 }
+
+#[test]
+fn admission_hands_over_the_partition_and_this_servers_part() {
+    run(async {
+        let (_dev, store) = fresh().await;
+        store.apply_map(&map(5)).await.unwrap();
+        let volume = store.volume(VolumeId(1)).unwrap();
+
+        let led = store
+            .admit(&volume, &read_at(5, 4096), &client())
+            .await
+            .unwrap();
+        assert_eq!(led.epoch, Epoch(5));
+        let partition = led.partition(Part::Primary).unwrap();
+        assert_eq!((partition.first_page, partition.end_page), (0, 4));
+        assert!(led.partition(Part::Mirror).is_none());
+        drop(led);
+
+        let mut forwarded = read_at(5, 5 << 20);
+        forwarded.flags = FLAG_REPLICA;
+        let primary = PeerIdentity {
+            role: Role::Storage,
+            name: "store-2".into(),
+        };
+        let mirrored = store.try_admit(&volume, &forwarded, &primary).unwrap();
+        let partition = mirrored.partition(Part::Mirror).unwrap();
+        assert_eq!((partition.first_page, partition.end_page), (4, 8));
+        assert_eq!(partition.replicas[0].server, "store-2");
+        drop(mirrored);
+
+        // A request without a range has the map but no partition.
+        let flush = Request::new(Opcode::Flush, VolumeId(1), Epoch(5), 0, 0, 1);
+        let unranged = store.admit(&volume, &flush, &client()).await.unwrap();
+        assert!(unranged.placement.map.is_some());
+        assert!(unranged.partition(Part::Primary).is_none());
+        // While it is held, a map push waits: the epoch cannot move.
+        let next = map(6);
+        let push = store.apply_map(&next);
+        let pushed = tokio::time::timeout(std::time::Duration::from_millis(50), push).await;
+        assert!(pushed.is_err(), "a push went through an admitted request");
+        drop(unranged);
+        assert_eq!(store.apply_map(&map(6)).await.unwrap(), Epoch(6));
+    });
+}

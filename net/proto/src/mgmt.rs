@@ -112,10 +112,16 @@ pub struct VolumeMap {
 impl VolumeMap {
     /// The partition holding `page`, by binary search over the sorted partitions.
     pub fn partition_at(&self, page: u64) -> Option<&Partition> {
+        self.partition_index_at(page).map(|i| &self.partitions[i])
+    }
+
+    /// The index in `partitions` of the partition holding `page`.
+    pub fn partition_index_at(&self, page: u64) -> Option<usize> {
         let i = self.partitions.partition_point(|p| p.end_page <= page);
         self.partitions
             .get(i)
             .filter(|p| p.first_page <= page && page < p.end_page)
+            .map(|_| i)
     }
 
     /// The partition that starts at `first_page` (how peers name a partition).
