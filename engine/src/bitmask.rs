@@ -34,11 +34,44 @@ pub type BlockKey = (VolumeId, String, u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolFull;
 
+/// Blocks of one (volume, peer), by block number.
+type Blocks = BTreeMap<u64, Entry>;
+
 #[derive(Debug, Default)]
 pub struct Bitmasks {
-    entries: HashMap<(VolumeId, String), BTreeMap<u64, Entry>>,
+    /// By volume, then peer: looked up on every write by the peer's name
+    /// without building a key.
+    entries: HashMap<VolumeId, HashMap<String, Blocks>>,
     owners: HashMap<u64, BlockKey>,
     free: BTreeSet<u64>,
+}
+
+/// The blocks of (`volume`, `peer`), made empty if there are none yet.
+fn blocks_entry<'a>(
+    entries: &'a mut HashMap<VolumeId, HashMap<String, Blocks>>,
+    volume: VolumeId,
+    peer: &str,
+) -> &'a mut Blocks {
+    let peers = entries.entry(volume).or_default();
+    if !peers.contains_key(peer) {
+        peers.insert(peer.to_string(), Blocks::new());
+    }
+    peers
+        .get_mut(peer)
+        .unwrap_or_else(|| unreachable!("inserted above"))
+}
+
+/// Drop the blocks of (`volume`, `peer`) once none is left.
+fn prune(entries: &mut HashMap<VolumeId, HashMap<String, Blocks>>, volume: VolumeId, peer: &str) {
+    let Some(peers) = entries.get_mut(&volume) else {
+        return;
+    };
+    if peers.get(peer).is_some_and(BTreeMap::is_empty) {
+        peers.remove(peer);
+    }
+    if peers.is_empty() {
+        entries.remove(&volume);
+    }
 }
 
 fn empty_bits() -> Bits {
@@ -66,6 +99,10 @@ fn bits_within(number: u64, range: &std::ops::Range<u64>) -> Option<std::ops::Ra
 }
 
 impl Bitmasks {
+    fn blocks(&self, volume: VolumeId, peer: &str) -> Option<&Blocks> {
+        self.entries.get(&volume)?.get(peer)
+    }
+
     /// An empty set over a pool of `pool_blocks` blocks.
     pub fn new(pool_blocks: u64) -> Self {
         Bitmasks {
@@ -81,10 +118,7 @@ impl Bitmasks {
             return Err("bitmask block of the wrong length");
         }
         let number = block.first_region / REGIONS_PER_BITMASK_BLOCK;
-        let map = self
-            .entries
-            .entry((block.volume, block.peer.clone()))
-            .or_default();
+        let map = blocks_entry(&mut self.entries, block.volume, &block.peer);
         if map.contains_key(&number) || !self.free.remove(&pool) {
             return Err("bitmask block recorded twice");
         }
@@ -103,8 +137,7 @@ impl Bitmasks {
     /// Whether `region` is set for `peer` in memory and on the device.
     pub fn is_durable(&self, volume: VolumeId, peer: &str, region: u64) -> bool {
         let (number, bit) = split(region);
-        self.entries
-            .get(&(volume, peer.to_string()))
+        self.blocks(volume, peer)
             .and_then(|m| m.get(&number))
             .is_some_and(|e| e.bits[bit] && e.durable[bit])
     }
@@ -124,25 +157,23 @@ impl Bitmasks {
     ) -> Result<Vec<u64>, PoolFull> {
         let mut dirty = Vec::new();
         let mut taken = Vec::new();
-        let key = (volume, peer.to_string());
         let mut at = regions.start;
         while at < regions.end {
             let (number, first) = split(at);
             let block_end = (number + 1).saturating_mul(REGIONS_PER_BITMASK_BLOCK);
             let end = regions.end.min(block_end);
             let last = first + (end - at) as usize;
-            let map = self.entries.entry(key.clone()).or_default();
-            let entry = match map.get_mut(&number) {
-                Some(e) => e,
-                None => {
+            let map = blocks_entry(&mut self.entries, volume, peer);
+            let entry = match map.entry(number) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
                     let Some(pool) = self.free.pop_first() else {
-                        self.give_back(&key, &taken);
+                        self.give_back(volume, peer, &taken);
                         return Err(PoolFull);
                     };
                     taken.push(number);
                     self.owners.insert(pool, (volume, peer.to_string(), number));
-                    let map = self.entries.entry(key.clone()).or_default();
-                    map.entry(number).or_insert(Entry {
+                    slot.insert(Entry {
                         pool,
                         bits: empty_bits(),
                         durable: empty_bits(),
@@ -161,8 +192,8 @@ impl Bitmasks {
     }
 
     /// Undo the blocks a failed `set` took (none of their bits is on the device).
-    fn give_back(&mut self, key: &(VolumeId, String), numbers: &[u64]) {
-        let Some(map) = self.entries.get_mut(key) else {
+    fn give_back(&mut self, volume: VolumeId, peer: &str, numbers: &[u64]) {
+        let Some(map) = self.entries.get_mut(&volume).and_then(|p| p.get_mut(peer)) else {
             return;
         };
         for number in numbers {
@@ -171,9 +202,7 @@ impl Bitmasks {
                 self.free.insert(entry.pool);
             }
         }
-        if map.is_empty() {
-            self.entries.remove(key);
-        }
+        prune(&mut self.entries, volume, peer);
     }
 
     /// Clear `regions` for `peer`; returns the pool blocks that changed.
@@ -185,7 +214,7 @@ impl Bitmasks {
         regions: std::ops::Range<u64>,
     ) -> Vec<u64> {
         let mut changed = Vec::new();
-        let Some(map) = self.entries.get_mut(&(volume, peer.to_string())) else {
+        let Some(map) = self.entries.get_mut(&volume).and_then(|p| p.get_mut(peer)) else {
             return changed;
         };
         let (first_block, _) = split(regions.start);
@@ -205,7 +234,7 @@ impl Bitmasks {
     /// bit is set) and the bits it records.
     pub fn snapshot(&self, pool: u64) -> Option<(Vec<u8>, Vec<u8>)> {
         let (volume, peer, number) = self.owners.get(&pool)?;
-        let entry = self.entries.get(&(*volume, peer.clone()))?.get(number)?;
+        let entry = self.blocks(*volume, peer)?.get(number)?;
         let raw = entry.bits.as_raw_slice().to_vec();
         if entry.bits.not_any() {
             return Some((Vec::new(), raw));
@@ -224,7 +253,7 @@ impl Bitmasks {
     pub fn is_persisted(&self, pool: u64, bits: &[u8]) -> bool {
         self.owners
             .get(&pool)
-            .and_then(|(v, p, n)| self.entries.get(&(*v, p.clone()))?.get(n))
+            .and_then(|(v, p, n)| self.blocks(*v, p)?.get(n))
             .is_some_and(|e| e.durable.as_raw_slice() == bits)
     }
 
@@ -234,8 +263,7 @@ impl Bitmasks {
         let Some((volume, peer, number)) = self.owners.get(&pool).cloned() else {
             return;
         };
-        let key = (volume, peer);
-        let Some(map) = self.entries.get_mut(&key) else {
+        let Some(map) = self.entries.get_mut(&volume).and_then(|p| p.get_mut(&peer)) else {
             return;
         };
         let Some(entry) = map.get_mut(&number) else {
@@ -244,9 +272,7 @@ impl Bitmasks {
         entry.durable = Bits::from_vec(bits);
         if entry.bits.not_any() && entry.durable.not_any() {
             map.remove(&number);
-            if map.is_empty() {
-                self.entries.remove(&key);
-            }
+            prune(&mut self.entries, volume, &peer);
             self.owners.remove(&pool);
             self.free.insert(pool);
         }
@@ -254,7 +280,7 @@ impl Bitmasks {
 
     /// Regions set for `peer`, ascending.
     pub fn regions(&self, volume: VolumeId, peer: &str) -> Vec<u64> {
-        let Some(map) = self.entries.get(&(volume, peer.to_string())) else {
+        let Some(map) = self.blocks(volume, peer) else {
             return Vec::new();
         };
         map.iter()
@@ -268,7 +294,7 @@ impl Bitmasks {
 
     /// How many regions of `range` are set for `peer` (a step per block).
     pub fn count_range(&self, volume: VolumeId, peer: &str, range: std::ops::Range<u64>) -> u64 {
-        let Some(map) = self.entries.get(&(volume, peer.to_string())) else {
+        let Some(map) = self.blocks(volume, peer) else {
             return 0;
         };
         let (first_block, _) = split(range.start);
@@ -288,10 +314,9 @@ impl Bitmasks {
     pub fn peers(&self, volume: VolumeId) -> Vec<String> {
         let mut peers: Vec<String> = self
             .entries
-            .keys()
-            .filter(|(v, _)| *v == volume)
-            .map(|(_, p)| p.clone())
-            .collect();
+            .get(&volume)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
         peers.sort();
         peers
     }
