@@ -70,23 +70,42 @@ struct Failure {
     signal: tokio::sync::Notify,
 }
 
-/// Why a forward did not succeed.
-#[derive(Debug)]
+/// Why a forward did not succeed. Every variant but `Behind` means the
+/// mirror did not take the request (and may be reported out of sync).
+#[derive(Debug, thiserror::Error)]
 enum ForwardError {
     /// The mirror holds a newer epoch (this server's map is behind: a push
     /// to it is on the way), or is applying one right now. Not the mirror's
     /// fault: the request is retried under the new map.
+    #[error("the mirror is at the newer epoch {0}")]
     Behind(Epoch),
-    /// The mirror did not take the request.
-    Failed(String),
+    /// Connecting, sending or reading the reply failed.
+    #[error("transport: {0}")]
+    Transport(tessera_net::quic::QuicError),
+    /// The mirror refused the request.
+    #[error("refused with {status:?}: {message}")]
+    Refused { status: Status, message: String },
+    /// No answer within the forward timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The mirror was written off while this forward waited.
+    #[error("the mirror was written off")]
+    WrittenOff,
+    /// This server no longer leads the partition, or the mirror is out of sync.
+    #[error("no longer the primary, or the mirror is out of sync")]
+    NotLeading,
+    /// This server could not read its own copy of the region.
+    #[error("reading the region to copy failed: {0}")]
+    LocalRead(String),
+    /// The region's copy does not make a valid request.
+    #[error("the copy is not a valid request: {0}")]
+    InvalidCopy(tessera_net::proto::ProtoError),
 }
 
-impl std::fmt::Display for ForwardError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ForwardError::Behind(epoch) => write!(f, "the mirror is at the newer epoch {epoch}"),
-            ForwardError::Failed(reason) => f.write_str(reason),
-        }
+impl ForwardError {
+    /// Whether the mirror itself failed (not this server's map being behind).
+    fn mirror_failed(&self) -> bool {
+        !matches!(self, ForwardError::Behind(_))
     }
 }
 
@@ -444,7 +463,7 @@ impl Replication {
         let attempt = async {
             loop {
                 let forwarded = request.forwarded(kind, self.next_request_id());
-                let failed = |e: tessera_net::quic::QuicError| ForwardError::Failed(e.to_string());
+                let failed = ForwardError::Transport;
                 let conn = self
                     .data
                     .get(target.addr, &target.server)
@@ -468,21 +487,21 @@ impl Replication {
                         return Err(ForwardError::Behind(reply.epoch));
                     }
                     status => {
-                        return Err(ForwardError::Failed(format!(
-                            "{status:?}: {}",
-                            String::from_utf8_lossy(&message)
-                        )));
+                        return Err(ForwardError::Refused {
+                            status,
+                            message: String::from_utf8_lossy(&message).into_owned(),
+                        });
                     }
                 }
             }
         };
         let outcome = tokio::select! {
             r = tokio::time::timeout_at(deadline.into(), attempt) => {
-                r.unwrap_or_else(|_| Err(ForwardError::Failed(format!("no answer within {:?}", self.settings.forward_timeout))))
+                r.unwrap_or(Err(ForwardError::Timeout(self.settings.forward_timeout)))
             }
-            () = abandoned => Err(ForwardError::Failed("mirror written off".into())),
+            () = abandoned => Err(ForwardError::WrittenOff),
         };
-        if matches!(outcome, Err(ForwardError::Failed(_))) {
+        if outcome.as_ref().is_err_and(ForwardError::mirror_failed) {
             // A dead connection would stall the next attempt too.
             self.data.forget(target.addr);
         }
@@ -736,7 +755,7 @@ async fn settle<'a>(
                     message: format!("mirror {} is changing epoch", target.server),
                 });
             }
-            Err(ForwardError::Failed(reason)) => {
+            Err(reason) => {
                 debug!(volume = %volume, mirror = %target.server, %reason, "forward failed");
                 for first_page in pages {
                     repl.mirror_failed(volume, epoch, *first_page, &target.server)
@@ -1347,7 +1366,7 @@ async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync)
                     debug!(volume = %volume_id, mirror = peer_name, %epoch, "resync paused: an epoch change is under way");
                     return;
                 }
-                Err(ForwardError::Failed(reason)) => {
+                Err(reason) => {
                     warn!(volume = %volume_id, mirror = peer_name, region, %reason, "resync stopped");
                     if let Some((v, _, _, _)) =
                         still_leading(service, volume_id, first_page, peer_name)
@@ -1382,9 +1401,7 @@ async fn copy_region(
 ) -> Result<(u64, Option<u64>), ForwardError> {
     let repl = &service.replication;
     let (volume, map, partition, peer) = still_leading(service, volume_id, first_page, peer_name)
-        .ok_or_else(|| {
-        ForwardError::Failed("no longer the primary, or the mirror is out of sync".into())
-    })?;
+        .ok_or_else(|| ForwardError::NotLeading)?;
     let _gate = volume.hold().await;
     let locks = RegionLocks::new(repl, volume_id, region..region + 1);
     let _exclusive = locks.locks[0].write().await;
@@ -1402,7 +1419,7 @@ async fn copy_region(
         .store
         .read(&volume, start, len)
         .await
-        .map_err(|r| ForwardError::Failed(r.message))?;
+        .map_err(|r| ForwardError::LocalRead(r.message))?;
     let zero = pieces.iter().all(|piece| match piece {
         ReadPiece::Data(buf) => buf.iter().all(|b| *b == 0),
         ReadPiece::Zeroes(_) => true,
@@ -1425,7 +1442,7 @@ async fn copy_region(
             }
         }
         Request::write(volume_id, volume.epoch(), start, &data, 0)
-            .map_err(|e| ForwardError::Failed(e.to_string()))?
+            .map_err(ForwardError::InvalidCopy)?
     };
     repl.forward(
         (volume_id, first_page),
