@@ -545,7 +545,9 @@ impl Replication {
                     Ok(other) => Err(MgmtRefusal::Invalid {
                         reason: format!("unexpected reply {other:?}"),
                     }),
-                    Err(reason) => Err(MgmtRefusal::Unavailable { reason }),
+                    Err(e) => Err(MgmtRefusal::Unavailable {
+                        reason: e.to_string(),
+                    }),
                 }
             })
             .await
@@ -564,16 +566,16 @@ impl Replication {
         })
     }
 
-    async fn call_mgmt(&self, request: &MgmtRequest) -> Result<MgmtReply, String> {
-        let (addr, name) = self
-            .settings
-            .mgmt
-            .as_ref()
-            .ok_or("no management server configured")?;
+    async fn call_mgmt(&self, request: &MgmtRequest) -> Result<MgmtReply, CallError> {
+        let (addr, name) = self.settings.mgmt.as_ref().ok_or(CallError::NoManagement)?;
         call(&self.mgmt, *addr, name, Duration::from_secs(10), request).await
     }
 
-    async fn call_peer(&self, peer: &Replica, request: &MgmtRequest) -> Result<MgmtReply, String> {
+    async fn call_peer(
+        &self,
+        peer: &Replica,
+        request: &MgmtRequest,
+    ) -> Result<MgmtReply, CallError> {
         let timeout = self.settings.forward_timeout * 2;
         call(&self.peers, peer.addr, &peer.server, timeout, request).await
     }
@@ -631,6 +633,23 @@ impl Replication {
     }
 }
 
+/// Why a management request to a peer or the management server got no reply.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    /// The server runs without a management server.
+    #[error("no management server configured")]
+    NoManagement,
+    /// Connecting or the exchange failed.
+    #[error("{name}: {error}")]
+    Transport {
+        name: String,
+        error: tessera_net::quic::QuicError,
+    },
+    /// No reply within the call's timeout.
+    #[error("{name} did not answer within {timeout:?}")]
+    Timeout { name: String, timeout: Duration },
+}
+
 /// One management request over `connector`, within `timeout`; a connection
 /// that failed or went silent is dropped so that the next call dials afresh.
 async fn call(
@@ -639,7 +658,7 @@ async fn call(
     name: &str,
     timeout: Duration,
     request: &MgmtRequest,
-) -> Result<MgmtReply, String> {
+) -> Result<MgmtReply, CallError> {
     let reply = tokio::time::timeout(timeout, async {
         let conn = connector.get(addr, name).await?;
         conn.mgmt(request).await
@@ -647,13 +666,19 @@ async fn call(
     .await;
     match reply {
         Ok(Ok(reply)) => Ok(reply),
-        Ok(Err(e)) => {
+        Ok(Err(error)) => {
             connector.forget(addr);
-            Err(e.to_string())
+            Err(CallError::Transport {
+                name: name.to_string(),
+                error,
+            })
         }
         Err(_) => {
             connector.forget(addr);
-            Err(format!("{name} did not answer within {timeout:?}"))
+            Err(CallError::Timeout {
+                name: name.to_string(),
+                timeout,
+            })
         }
     }
 }
