@@ -2,21 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::rc::Rc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use std::time::Duration;
 use tessera_engine::config::StorageConfig;
 use tessera_engine::io::IoEngine;
-use tessera_engine::metrics;
-use tessera_engine::replication::{Replication, ReplicationSettings, replication_loop};
-use tessera_engine::report::{ReportTarget, report_loop};
-use tessera_engine::server::{self, FormatPolicy, Service};
+use tessera_engine::server::{self, FormatPolicy};
 use tessera_net::proto::Role;
-use tessera_net::quic::{Alpn, Endpoint, TlsIdentity};
+use tessera_net::quic::TlsIdentity;
 use tessera_net::units::ByteSize;
-use tracing::info;
 
 use crate::tls::TlsArgs;
 
@@ -163,57 +157,10 @@ fn run_server(args: StorageArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let identity = storage_identity(&config)?;
     tokio_uring::start(async {
-        // Sockets first: a start that fails on them creates no data file.
-        let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &Alpn::ALL)
-            .with_context(|| format!("cannot serve on {}", config.listen))?;
-        let metrics_listener = match config.metrics_listen {
-            Some(listen) => Some(
-                tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("cannot serve metrics on {listen}"))?,
-            ),
-            None => None,
-        };
-        let store = server::open_store(&config, &identity, FormatPolicy::IfBlank).await?;
-        let replication = Replication::new(
-            identity.me().name.clone(),
-            store.superblock().geometry.region_size,
-            &endpoint,
-            ReplicationSettings {
-                forward_timeout: Duration::from_millis(config.forward_timeout_ms),
-                resync_rate: config.resync_rate.0,
-                clean_interval: Duration::from_millis(config.clean_interval_ms),
-                clean_after: Duration::from_millis(config.clean_after_ms),
-                mgmt: config.mgmt.map(|addr| (addr, config.mgmt_name.clone())),
-            },
-        );
-        let service = Rc::new(Service::new(store, replication));
-        let addr = endpoint.local_addr()?;
-        info!(name = %identity.me().name, %addr, data = %config.data.display(), "serving");
+        // Watched before the server announces itself: a SIGTERM right after
+        // the announcement is a clean stop.
         let shutdown = crate::runtime::Shutdown::watch()?;
-        server::announce(&identity.me().name, "serving on", addr);
-        if let Some(listener) = metrics_listener {
-            let bound = listener.local_addr()?;
-            info!(addr = %bound, "metrics at http://{bound}/metrics");
-            // After the "serving on" line, which scripts wait for first.
-            server::announce(&identity.me().name, "metrics on", bound);
-            tokio_uring::spawn(metrics::serve_metrics(service.clone(), listener));
-        }
-        tokio_uring::spawn(server::serve(service.clone(), endpoint.clone()));
-        tokio_uring::spawn(replication_loop(service.clone()));
-        if let Some(mgmt) = config.mgmt {
-            let target = ReportTarget {
-                addr: mgmt,
-                name: config.mgmt_name.clone(),
-                advertise: config.advertise.unwrap_or(addr),
-                interval: Duration::from_millis(config.heartbeat_ms),
-            };
-            tokio_uring::spawn(report_loop(service.clone(), endpoint.clone(), target));
-        }
-        shutdown.wait().await;
-        info!("shutting down");
-        endpoint.close();
-        service.store.flush().await?;
+        tessera_engine::run(&config, &identity, shutdown.wait()).await?;
         Ok(())
     })
 }

@@ -119,6 +119,13 @@ pub enum EngineError {
     /// More regions are dirty than the bitmask pool reserved at format time can record.
     #[error("the bitmask pool ({blocks} blocks) is full: too many regions differ between replicas")]
     BitmaskPoolFull { blocks: u64 },
+    /// A listening socket could not be set up.
+    #[error("cannot serve {what} on {addr}: {error}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        error: String,
+    },
     /// The transport failed.
     #[error(transparent)]
     Net(#[from] QuicError),

@@ -5,7 +5,8 @@
 //! * [`store`]: volumes, epochs, thin-provisioned chunks and data I/O.
 //! * [`bitmask`]: per-peer bitmasks of regions a peer replica may lack.
 //! * [`replication`]: forwarding writes to mirrors, cleaning bits, resync.
-//! * [`server`]: opening a device, and the QUIC data and management service.
+//! * [`server`]: opening a device, the QUIC data and management service,
+//!   and [`run`], a whole storage server in-process.
 
 pub mod aligned;
 pub mod bitmask;
@@ -20,6 +21,7 @@ pub mod server;
 pub mod store;
 
 pub use error::EngineError;
+pub use server::run;
 
 // Offsets and lengths convert between u64 and usize freely: io_uring storage
 // servers run on 64-bit Linux only.

@@ -819,3 +819,82 @@ pub fn refusal_of(e: &EngineError) -> MgmtRefusal {
         },
     }
 }
+
+/// Run a storage server for `config` until `shutdown` completes: bind its
+/// sockets, open (or format) its data file, serve, replicate, report to the
+/// management server, then flush. Must run inside a tokio-uring runtime;
+/// prints `tessera storage NAME serving on ADDR` once it serves.
+pub async fn run(
+    config: &StorageConfig,
+    identity: &TlsIdentity,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), EngineError> {
+    // Sockets first: a start that fails on them creates no data file.
+    let endpoint = Endpoint::bind(config.listen, identity, &config.transport, &Alpn::ALL).map_err(
+        |error| EngineError::Listen {
+            what: "data",
+            addr: config.listen,
+            error: error.to_string(),
+        },
+    )?;
+    let metrics_listener = match config.metrics_listen {
+        Some(listen) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|error| EngineError::Listen {
+                    what: "metrics",
+                    addr: listen,
+                    error: error.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    let store = open_store(config, identity, FormatPolicy::IfBlank).await?;
+    let replication = Replication::new(
+        identity.me().name.clone(),
+        store.superblock().geometry.region_size,
+        &endpoint,
+        replication::ReplicationSettings {
+            forward_timeout: std::time::Duration::from_millis(config.forward_timeout_ms),
+            resync_rate: config.resync_rate.0,
+            clean_interval: std::time::Duration::from_millis(config.clean_interval_ms),
+            clean_after: std::time::Duration::from_millis(config.clean_after_ms),
+            mgmt: config.mgmt.map(|addr| (addr, config.mgmt_name.clone())),
+        },
+    );
+    let service = Rc::new(Service::new(store, replication));
+    let addr = endpoint.local_addr()?;
+    let name = &identity.me().name;
+    info!(%name, %addr, data = %config.data.display(), "serving");
+    announce(name, "serving on", addr);
+    if let Some(listener) = metrics_listener {
+        let bound = listener.local_addr().map_err(|error| EngineError::Listen {
+            what: "metrics",
+            addr: config.metrics_listen.unwrap_or(addr),
+            error: error.to_string(),
+        })?;
+        info!(addr = %bound, "metrics at http://{bound}/metrics");
+        // After the "serving on" line, which scripts wait for first.
+        announce(name, "metrics on", bound);
+        tokio_uring::spawn(crate::metrics::serve_metrics(service.clone(), listener));
+    }
+    tokio_uring::spawn(serve(service.clone(), endpoint.clone()));
+    tokio_uring::spawn(replication::replication_loop(service.clone()));
+    if let Some(mgmt) = config.mgmt {
+        let target = crate::report::ReportTarget {
+            addr: mgmt,
+            name: config.mgmt_name.clone(),
+            advertise: config.advertise.unwrap_or(addr),
+            interval: std::time::Duration::from_millis(config.heartbeat_ms),
+        };
+        tokio_uring::spawn(crate::report::report_loop(
+            service.clone(),
+            endpoint.clone(),
+            target,
+        ));
+    }
+    shutdown.await;
+    info!("shutting down");
+    endpoint.close();
+    service.store.flush().await
+}
