@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::aligned::AlignedBuf;
 use crate::server::Service;
-use crate::store::{Admission, Part, ReadPiece, Refusal, Volume};
+use crate::store::{Admission, Part, ReadPiece, Refusal, Refused, Volume};
 
 /// Regions copied between two cleaning steps of a resync.
 const RESYNC_BATCH: usize = 64;
@@ -553,16 +553,19 @@ impl Replication {
             .await
             .clone();
         result.map_err(|refusal| match refusal {
-            MgmtRefusal::StaleEpoch { current, .. } => Refusal {
-                status: Status::StaleEpoch,
-                epoch: current,
-                message: format!("mirror {server} failed and the map changed meanwhile"),
-            },
-            other => Refusal {
-                status: Status::Unavailable,
+            MgmtRefusal::StaleEpoch { current, .. } => Refusal::new(
+                current,
+                Refused::MirrorLostMapChanged {
+                    mirror: server.to_string(),
+                },
+            ),
+            refusal => Refusal::new(
                 epoch,
-                message: format!("mirror {server} failed and its loss is not recorded: {other}"),
-            },
+                Refused::MirrorLossUnrecorded {
+                    mirror: server.to_string(),
+                    refusal,
+                },
+            ),
         })
     }
 
@@ -698,11 +701,7 @@ pub async fn primary_write(
     let repl = &service.replication;
     let epoch = admission.epoch;
     let Some(partition) = admission.partition(Part::Primary) else {
-        return Err(Refusal {
-            status: Status::NotOwner,
-            epoch,
-            message: "not admitted as the partition's primary".into(),
-        });
+        return Err(Refusal::new(epoch, Refused::NotAdmittedAsPrimary));
     };
     let first_page = partition.first_page;
     let peers: Vec<&Replica> = partition.replicas.iter().skip(1).collect();
@@ -774,11 +773,12 @@ async fn settle<'a>(
         match outcome {
             Ok(()) => {}
             Err(ForwardError::Behind(current)) => {
-                return Err(Refusal {
-                    status: Status::StaleEpoch,
-                    epoch: current,
-                    message: format!("mirror {} is changing epoch", target.server),
-                });
+                return Err(Refusal::new(
+                    current,
+                    Refused::MirrorChangingEpoch {
+                        mirror: target.server.clone(),
+                    },
+                ));
             }
             Err(reason) => {
                 debug!(volume = %volume, mirror = %target.server, %reason, "forward failed");
@@ -918,11 +918,12 @@ async fn apply_local(
 
 fn io_refusal(volume: &Volume, e: &crate::EngineError) -> Refusal {
     warn!(volume = %volume.id, error = %e, "replication I/O failed");
-    Refusal {
-        status: Status::IoError,
-        epoch: volume.epoch(),
-        message: e.to_string(),
-    }
+    Refusal::new(
+        volume.epoch(),
+        Refused::Io {
+            error: e.to_string(),
+        },
+    )
 }
 
 /// The management-protocol requests storage servers send each other.
@@ -1444,7 +1445,7 @@ async fn copy_region(
         .store
         .read(&volume, start, len)
         .await
-        .map_err(|r| ForwardError::LocalRead(r.message))?;
+        .map_err(|r| ForwardError::LocalRead(r.reason.to_string()))?;
     let zero = pieces.iter().all(|piece| match piece {
         ReadPiece::Data(buf) => buf.iter().all(|b| *b == 0),
         ReadPiece::Zeroes(_) => true,

@@ -10,9 +10,8 @@ use bytes::Bytes;
 
 use tessera_net::log_limit::LogLimit;
 use tessera_net::proto::{
-    self, BLOCK_SIZE, Epoch, EpochVerdict, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply,
-    MgmtRequest, Opcode, REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status,
-    VolumeId,
+    self, BLOCK_SIZE, Epoch, FLAG_REPLICA, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, Opcode,
+    REQUEST_HEADER_LEN, Refusal as MgmtRefusal, Reply, Request, Role, Status, VolumeId,
 };
 use tessera_net::quic::{
     Alpn, Endpoint, PeerConnection, PeerIdentity, ReadExactError, RecvStream, SendStream,
@@ -29,7 +28,7 @@ use crate::format::{Geometry, Superblock, SuperblockFault};
 use crate::io::{BlockDevice, IoEngine, StdDevice, UringDevice};
 use crate::metrics::Metrics;
 use crate::replication::{self, Replication};
-use crate::store::{self, ReadPiece, Refusal, Store};
+use crate::store::{self, ReadPiece, Refusal, Refused, Store};
 
 /// The device behind a store, as chosen by the config.
 #[derive(Debug)]
@@ -508,7 +507,7 @@ async fn region_checksums(
         let _admitted = volume.hold().await;
         let pieces = match store.read(&volume, at, len).await {
             Ok(pieces) => pieces,
-            Err(refusal) => return invalid(refusal.message),
+            Err(refusal) => return invalid(refusal.reason.to_string()),
         };
         let mut sum = 0u32;
         for bytes in pieces.iter().flat_map(piece_bytes) {
@@ -542,7 +541,7 @@ async fn serve_data_stream(
                 warn!(%peer, error = %error, suppressed, "malformed request");
             }
             service.metrics.refused(error.status());
-            let refusal = Refusal::new(error.status(), Epoch(0), error.to_string());
+            let refusal = Refusal::new(Epoch(0), Refused::Malformed(error));
             refuse(&mut send, &mut recv, 0, &refusal).await;
             return;
         }
@@ -560,11 +559,7 @@ async fn serve_data_stream(
             }
             service.metrics.refused(e.status());
             let request_id = u64::from_le_bytes(raw[40..48].try_into().unwrap_or_default());
-            let refusal = Refusal {
-                status: e.status(),
-                epoch: Epoch(0),
-                message: e.to_string(),
-            };
+            let refusal = Refusal::new(Epoch(0), Refused::Malformed(e));
             refuse(&mut send, &mut recv, request_id, &refusal).await;
             return;
         }
@@ -572,10 +567,10 @@ async fn serve_data_stream(
     // A request without payload must end at its header; checked before it
     // takes any budget, so a stream that never ends holds none.
     if !request.opcode.carries_payload()
-        && let Err(message) = stream_ends(&mut recv, &request).await
+        && let Err(reason) = stream_ends(&mut recv, &request).await
     {
-        service.metrics.refused(Status::BadRequest);
-        let refusal = Refusal::new(Status::BadRequest, Epoch(0), message);
+        let refusal = Refusal::new(Epoch(0), reason);
+        service.metrics.refused(refusal.status());
         refuse(&mut send, &mut recv, request.request_id, &refusal).await;
         return;
     }
@@ -591,11 +586,10 @@ async fn serve_data_stream(
     let outcome = if matches!(peer.role, Role::Client | Role::Storage) {
         execute(&service, &peer, &request, &mut recv).await
     } else {
-        Err(Refusal {
-            status: Status::Forbidden,
-            epoch: Epoch(0),
-            message: format!("role {} may not send data requests", peer.role),
-        })
+        Err(Refusal::new(
+            Epoch(0),
+            Refused::RoleMayNotSendData { role: peer.role },
+        ))
     };
     let result = match outcome {
         Ok((epoch, pieces)) => {
@@ -621,8 +615,8 @@ async fn serve_data_stream(
             }
         }
         Err(refusal) => {
-            service.metrics.refused(refusal.status);
-            debug!(%peer, id = request.request_id, status = ?refusal.status, message = %refusal.message, "refused");
+            service.metrics.refused(refusal.status());
+            debug!(%peer, id = request.request_id, status = ?refusal.status(), reason = %refusal.reason, "refused");
             refuse(&mut send, &mut recv, request.request_id, &refusal).await;
             Ok(())
         }
@@ -647,31 +641,33 @@ async fn execute(
         .inspect_err(|_| service.refresh.notify_one())?;
     // Refuse before reading a payload or touching the disk...
     store.check(&volume, request, peer).inspect_err(|refusal| {
-        if refusal.status == Status::StaleEpoch
-            && EpochVerdict::judge(refusal.epoch, request.epoch).is_newer()
+        if let Refused::Epoch(verdict) = refusal.reason
+            && verdict.is_newer()
         {
             // The client has seen a newer map than ours: fetch it now.
             service.refresh.notify_one();
         }
     })?;
-    let refusal = |message: String| Refusal::new(Status::BadRequest, volume.epoch(), message);
+    let refusal = |reason: Refused| Refusal::new(volume.epoch(), reason);
     let payload = if request.opcode == Opcode::Write {
         let mut buf = AlignedBuf::for_overwrite(request.payload_len());
         let received = tokio::time::timeout(STREAM_TIMEOUT, recv.read_exact(&mut buf)).await;
         match received {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(refusal(format!("payload not received: {e}"))),
+            Ok(Err(e)) => {
+                return Err(refusal(Refused::PayloadNotReceived {
+                    error: e.to_string(),
+                }));
+            }
             Err(_) => {
-                return Err(refusal(format!(
-                    "payload not received within {STREAM_TIMEOUT:?}"
-                )));
+                return Err(refusal(Refused::PayloadTimeout {
+                    after: STREAM_TIMEOUT,
+                }));
             }
         }
-        request.verify_payload(&buf).map_err(|e| Refusal {
-            status: e.status(),
-            epoch: volume.epoch(),
-            message: e.to_string(),
-        })?;
+        request
+            .verify_payload(&buf)
+            .map_err(|e| refusal(Refused::Malformed(e)))?;
         Some(buf)
     } else {
         None
@@ -704,10 +700,13 @@ async fn execute(
             Vec::new()
         }
         (Opcode::Flush, _) => {
-            store.flush().await.map_err(|e| Refusal {
-                status: Status::IoError,
-                epoch,
-                message: e.to_string(),
+            store.flush().await.map_err(|e| {
+                Refusal::new(
+                    epoch,
+                    Refused::Io {
+                        error: e.to_string(),
+                    },
+                )
             })?;
             Vec::new()
         }
@@ -718,17 +717,18 @@ async fn execute(
 
 /// A request's stream holds exactly `payload_len` bytes after the header
 /// and then ends; `Err` says how it did not.
-async fn stream_ends(recv: &mut RecvStream, request: &Request) -> Result<(), String> {
+async fn stream_ends(recv: &mut RecvStream, request: &Request) -> Result<(), Refused> {
     match tokio::time::timeout(STREAM_TIMEOUT, recv.read_chunk(1, true)).await {
         Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(_))) => Err(proto::ProtoError::TrailingPayload {
+        Ok(Ok(Some(_))) => Err(Refused::Malformed(proto::ProtoError::TrailingPayload {
             declared: request.payload_len(),
-        }
-        .to_string()),
-        Ok(Err(e)) => Err(format!("request stream failed: {e}")),
-        Err(_) => Err(format!(
-            "request stream not finished within {STREAM_TIMEOUT:?}"
-        )),
+        })),
+        Ok(Err(e)) => Err(Refused::PayloadNotReceived {
+            error: e.to_string(),
+        }),
+        Err(_) => Err(Refused::StreamNotFinished {
+            after: STREAM_TIMEOUT,
+        }),
     }
 }
 
@@ -782,12 +782,14 @@ async fn send_pieces(
 
 /// Answer with a refusal and stop reading whatever the peer still sends.
 async fn refuse(send: &mut SendStream, recv: &mut RecvStream, request_id: u64, refusal: &Refusal) {
-    let mut cut = refusal.message.len().min(proto::MAX_ERROR_MESSAGE as usize);
-    while !refusal.message.is_char_boundary(cut) {
+    // The reason's text is rendered here, at the edge, and cut to fit.
+    let text = refusal.reason.to_string();
+    let mut cut = text.len().min(proto::MAX_ERROR_MESSAGE as usize);
+    while !text.is_char_boundary(cut) {
         cut -= 1;
     }
-    let message = &refusal.message.as_bytes()[..cut];
-    let reply = Reply::new(refusal.status, refusal.epoch, request_id, message);
+    let message = &text.as_bytes()[..cut];
+    let reply = Reply::new(refusal.status(), refusal.epoch, request_id, message);
     let _ = recv.stop(VarInt::from_u32(0));
     let delivered = async {
         send.write_all(&reply.encode()).await?;

@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 use tessera_net::proto::{
     Epoch, EpochVerdict, FLAG_REPLICA, FLAG_RESYNC, MAX_VOLUME_SIZE, MgmtReply, MirrorState,
-    Partition, Request, Role, Status, VolumeId, VolumeMap,
+    Partition, Refusal as MgmtRefusal, Request, Role, Status, VolumeId, VolumeMap,
 };
 use tessera_net::quic::PeerIdentity;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -33,21 +33,128 @@ use crate::format::{
 };
 use crate::io::BlockDevice;
 
-/// Why a data request is answered without being executed.
+/// Why a data request is answered without being executed, with the
+/// server's epoch for the volume (0 if it does not hold the volume). The
+/// reply's status comes from the reason; its text is rendered only when
+/// the reply is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub status: Status,
-    /// The server's epoch for the volume (0 if it does not hold the volume).
     pub epoch: Epoch,
-    pub message: String,
+    pub reason: Refused,
 }
 
 impl Refusal {
-    pub fn new(status: Status, epoch: Epoch, message: impl Into<String>) -> Self {
-        Refusal {
-            status,
-            epoch,
-            message: message.into(),
+    pub fn new(epoch: Epoch, reason: Refused) -> Self {
+        Refusal { epoch, reason }
+    }
+
+    /// The status the reply carries.
+    pub fn status(&self) -> Status {
+        self.reason.status()
+    }
+}
+
+/// The reasons a data request is refused, each with the fields that say
+/// what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The request's epoch is not the volume's.
+    #[error("{0}")]
+    Epoch(EpochVerdict),
+    /// A new epoch is being applied right now.
+    #[error("an epoch change is in progress")]
+    EpochChanging,
+    /// A mirror is applying a newer epoch: the sender retries under it.
+    #[error("mirror {mirror} is changing epoch")]
+    MirrorChangingEpoch { mirror: String },
+    /// A mirror failed, and the map changed before its loss was recorded.
+    #[error("mirror {mirror} failed and the map changed meanwhile")]
+    MirrorLostMapChanged { mirror: String },
+    /// A mirror failed, and the management server did not record it.
+    #[error("mirror {mirror} failed and its loss is not recorded: {refusal}")]
+    MirrorLossUnrecorded {
+        mirror: String,
+        refusal: MgmtRefusal,
+    },
+    /// The header, payload or stream is malformed.
+    #[error("{0}")]
+    Malformed(tessera_net::proto::ProtoError),
+    /// The payload did not arrive.
+    #[error("payload not received: {error}")]
+    PayloadNotReceived { error: String },
+    /// The request's stream did not end after its payload in time.
+    #[error("request stream not finished within {after:?}")]
+    StreamNotFinished { after: std::time::Duration },
+    /// The payload did not arrive in time.
+    #[error("payload not received within {after:?}")]
+    PayloadTimeout { after: std::time::Duration },
+    /// A role that may not send data requests.
+    #[error("role {role} may not send data requests")]
+    RoleMayNotSendData { role: Role },
+    /// A replica request from a peer that is not a storage server.
+    #[error("role {role} may not send replica requests")]
+    ReplicaFromRole { role: Role },
+    /// The range ends past the volume.
+    #[error("range ends at {end} past the volume size {size}")]
+    PastEnd { end: u64, size: u64 },
+    /// The volume is not held here.
+    #[error("volume {volume} is not held by this server")]
+    UnknownVolume { volume: VolumeId },
+    /// The pages are not held here.
+    #[error("pages {first}..={last} are not held by this server")]
+    PagesNotHeld { first: u64, last: u64 },
+    /// The range spans two partitions.
+    #[error("pages {first}..={last} are not one partition")]
+    AcrossPartitions { first: u64, last: u64 },
+    /// A replica request from a peer that is not the partition's primary,
+    /// or to a mirror that is out of sync.
+    #[error("{sender} is not the primary of pages {first}..={last}, or this mirror is out of sync")]
+    NotFromPrimary {
+        sender: String,
+        first: u64,
+        last: u64,
+    },
+    /// A client request to a server that does not lead the pages.
+    #[error("this server is not the primary of pages {first}..={last}")]
+    NotPrimary { first: u64, last: u64 },
+    /// The path needs a primary's admission and was not given one.
+    #[error("not admitted as the partition's primary")]
+    NotAdmittedAsPrimary,
+    /// The volume's map has not been fetched since a restart.
+    #[error("this server is fetching the volume's map after a restart")]
+    NoMapYet,
+    /// A metadata write failed earlier: the store serves nothing more.
+    #[error("the store stopped after a metadata write error; restart the server")]
+    Stopped,
+    /// The disk failed the operation.
+    #[error("{error}")]
+    Io { error: String },
+}
+
+impl Refused {
+    /// The one status each reason is answered with.
+    pub fn status(&self) -> Status {
+        match self {
+            Refused::Epoch(_)
+            | Refused::EpochChanging
+            | Refused::MirrorChangingEpoch { .. }
+            | Refused::MirrorLostMapChanged { .. } => Status::StaleEpoch,
+            Refused::Malformed(e) => e.status(),
+            Refused::PayloadNotReceived { .. }
+            | Refused::StreamNotFinished { .. }
+            | Refused::PayloadTimeout { .. } => Status::BadRequest,
+            Refused::RoleMayNotSendData { .. } | Refused::ReplicaFromRole { .. } => {
+                Status::Forbidden
+            }
+            Refused::PastEnd { .. } => Status::OutOfRange,
+            Refused::UnknownVolume { .. }
+            | Refused::PagesNotHeld { .. }
+            | Refused::AcrossPartitions { .. }
+            | Refused::NotFromPrimary { .. }
+            | Refused::NotPrimary { .. }
+            | Refused::NotAdmittedAsPrimary => Status::NotOwner,
+            Refused::NoMapYet | Refused::MirrorLossUnrecorded { .. } => Status::Unavailable,
+            Refused::Stopped | Refused::Io { .. } => Status::IoError,
         }
     }
 }
@@ -857,27 +964,18 @@ impl<D: BlockDevice> Store<D> {
         peer: &PeerIdentity,
     ) -> Result<Placement, Refusal> {
         if self.failed.get() {
-            return Err(Refusal::new(
-                Status::IoError,
-                volume.epoch(),
-                "the store stopped after a metadata write error; restart the server",
-            ));
+            return Err(Refusal::new(volume.epoch(), Refused::Stopped));
         }
         let record = volume.record.borrow();
         let verdict = EpochVerdict::judge(record.epoch, request.epoch);
         if !verdict.is_current() {
-            return Err(Refusal::new(
-                Status::StaleEpoch,
-                record.epoch,
-                verdict.to_string(),
-            ));
+            return Err(Refusal::new(record.epoch, Refused::Epoch(verdict)));
         }
         let replica = request.flags & FLAG_REPLICA != 0;
         if request.flags & (FLAG_REPLICA | FLAG_RESYNC) != 0 && peer.role != Role::Storage {
             return Err(Refusal::new(
-                Status::Forbidden,
                 record.epoch,
-                format!("role {} may not send replica requests", peer.role),
+                Refused::ReplicaFromRole { role: peer.role },
             ));
         }
         if !request.opcode.has_range() {
@@ -888,30 +986,23 @@ impl<D: BlockDevice> Store<D> {
         }
         if request.end() > record.size {
             return Err(Refusal::new(
-                Status::OutOfRange,
                 record.epoch,
-                format!(
-                    "range ends at {} past the volume size {}",
-                    request.end(),
-                    record.size
-                ),
+                Refused::PastEnd {
+                    end: request.end(),
+                    size: record.size,
+                },
             ));
         }
         let page = u64::from(record.page_size);
         let (first, last) = (request.offset / page, (request.end() - 1) / page);
         if !record.ranges.iter().any(|(a, b)| *a <= first && last < *b) {
             return Err(Refusal::new(
-                Status::NotOwner,
                 record.epoch,
-                format!("pages {first}..={last} are not held by this server"),
+                Refused::PagesNotHeld { first, last },
             ));
         }
         let Some(map) = volume.map() else {
-            return Err(Refusal::new(
-                Status::Unavailable,
-                record.epoch,
-                "this server is fetching the volume's map after a restart",
-            ));
+            return Err(Refusal::new(record.epoch, Refused::NoMapYet));
         };
         let me = &self.superblock.server_name;
         let Some(index) = map
@@ -919,9 +1010,8 @@ impl<D: BlockDevice> Store<D> {
             .filter(|i| last < map.partitions[*i].end_page)
         else {
             return Err(Refusal::new(
-                Status::NotOwner,
                 record.epoch,
-                format!("pages {first}..={last} are not one partition"),
+                Refused::AcrossPartitions { first, last },
             ));
         };
         let partition = &map.partitions[index];
@@ -931,19 +1021,18 @@ impl<D: BlockDevice> Store<D> {
             let receiving = mirror.is_some_and(|r| r.state != MirrorState::OutOfSync);
             if primary != Some(peer.name.as_str()) || !receiving {
                 return Err(Refusal::new(
-                    Status::NotOwner,
                     record.epoch,
-                    format!(
-                        "{} is not the primary of pages {first}..={last}, or this mirror is out of sync",
-                        peer.name
-                    ),
+                    Refused::NotFromPrimary {
+                        sender: peer.name.clone(),
+                        first,
+                        last,
+                    },
                 ));
             }
         } else if primary != Some(me.as_str()) {
             return Err(Refusal::new(
-                Status::NotOwner,
                 record.epoch,
-                format!("this server is not the primary of pages {first}..={last}"),
+                Refused::NotPrimary { first, last },
             ));
         }
         let part = if replica { Part::Mirror } else { Part::Primary };
@@ -958,9 +1047,10 @@ impl<D: BlockDevice> Store<D> {
     pub fn lookup(&self, request: &Request) -> Result<Rc<Volume>, Refusal> {
         self.volume(request.volume).ok_or_else(|| {
             Refusal::new(
-                Status::NotOwner,
                 Epoch(0),
-                format!("volume {} is not held by this server", request.volume),
+                Refused::UnknownVolume {
+                    volume: request.volume,
+                },
             )
         })
     }
@@ -991,13 +1081,10 @@ impl<D: BlockDevice> Store<D> {
         request: &Request,
         peer: &PeerIdentity,
     ) -> Result<Admission<'v>, Refusal> {
-        let gate = volume.gate.try_read().map_err(|_| {
-            Refusal::new(
-                Status::StaleEpoch,
-                volume.epoch(),
-                "an epoch change is in progress",
-            )
-        })?;
+        let gate = volume
+            .gate
+            .try_read()
+            .map_err(|_| Refusal::new(volume.epoch(), Refused::EpochChanging))?;
         let placement = self.check(volume, request, peer)?;
         Ok(Admission {
             epoch: volume.epoch(),
@@ -1033,7 +1120,12 @@ impl<D: BlockDevice> Store<D> {
 
     fn io_refusal(&self, volume: &Volume, e: &EngineError) -> Refusal {
         warn!(volume = %volume.id, error = %e, "I/O failed");
-        Refusal::new(Status::IoError, volume.epoch(), e.to_string())
+        Refusal::new(
+            volume.epoch(),
+            Refused::Io {
+                error: e.to_string(),
+            },
+        )
     }
 
     /// Read an admitted range. Unwritten and trimmed chunks read as zeroes.

@@ -99,10 +99,10 @@ fn refusal(
 ) -> (Status, Epoch, String) {
     let volume = match store.lookup(request) {
         Ok(volume) => volume,
-        Err(r) => return (r.status, r.epoch, r.message),
+        Err(r) => return (r.status(), r.epoch, r.reason.to_string()),
     };
     let r = store.check(&volume, request, peer).unwrap_err();
-    (r.status, r.epoch, r.message)
+    (r.status(), r.epoch, r.reason.to_string())
 }
 
 async fn contents(store: &Store<MemDevice>, offset: u64, len: u32) -> Vec<u8> {
@@ -313,7 +313,7 @@ fn a_torn_record_falls_back_and_a_failed_metadata_write_stops_the_store() {
             .write(&volume, 0, filled(2, 4096), false)
             .await
             .unwrap_err();
-        assert_eq!(refused.status, Status::IoError);
+        assert_eq!(refused.status(), Status::IoError);
         dev.fail_writes(None);
         store.check(&volume, &read_at(5, 0), &client()).unwrap();
         // A metadata write that fails (the slot table, on a first write) stops
@@ -327,7 +327,7 @@ fn a_torn_record_falls_back_and_a_failed_metadata_write_stops_the_store() {
         );
         dev.fail_writes(None);
         let refused = store.check(&volume, &read_at(5, 0), &client()).unwrap_err();
-        assert_eq!(refused.status, Status::IoError);
+        assert_eq!(refused.status(), Status::IoError);
         drop((volume, store));
         let store = reopen(&dev).await.unwrap();
         assert_eq!(
@@ -380,4 +380,60 @@ fn admission_hands_over_the_partition_and_this_servers_part() {
         drop(unranged);
         assert_eq!(store.apply_map(&map(6)).await.unwrap(), Epoch(6));
     });
+}
+
+#[test]
+fn each_reason_has_one_status_and_a_message_with_its_fields() {
+    use tessera_net::proto::{EpochVerdict, ProtoError};
+    let cases = [
+        (
+            Refused::Epoch(EpochVerdict::judge(Epoch(5), Epoch(4))),
+            Status::StaleEpoch,
+            "request epoch e4 is older than the held e5",
+        ),
+        (Refused::EpochChanging, Status::StaleEpoch, "epoch change"),
+        (
+            Refused::Malformed(ProtoError::ChecksumMismatch {
+                expected: 1,
+                actual: 2,
+            }),
+            Status::ChecksumMismatch,
+            "checksum",
+        ),
+        (
+            Refused::Malformed(ProtoError::TrailingPayload { declared: 4096 }),
+            Status::BadRequest,
+            "more than the 4096 payload bytes",
+        ),
+        (
+            Refused::PastEnd { end: 9, size: 8 },
+            Status::OutOfRange,
+            "ends at 9 past the volume size 8",
+        ),
+        (
+            Refused::ReplicaFromRole { role: Role::Client },
+            Status::Forbidden,
+            "role client may not send replica requests",
+        ),
+        (
+            Refused::NotFromPrimary {
+                sender: "s3".into(),
+                first: 4,
+                last: 5,
+            },
+            Status::NotOwner,
+            "s3 is not the primary of pages 4..=5",
+        ),
+        (
+            Refused::NoMapYet,
+            Status::Unavailable,
+            "fetching the volume's map",
+        ),
+        (Refused::Stopped, Status::IoError, "restart the server"),
+    ];
+    for (reason, status, text) in cases {
+        assert_eq!(reason.status(), status, "{reason}");
+        assert!(reason.to_string().contains(text), "{reason}");
+        assert_eq!(Refusal::new(Epoch(3), reason).status(), status);
+    }
 }
