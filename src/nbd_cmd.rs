@@ -36,7 +36,7 @@ pub struct NbdCommand {
     threads: u16,
     /// Clients served at once; more are closed as soon as they connect.
     /// Keep it below the open-file limit (ulimit -n).
-    #[arg(long, default_value_t = Limits::default().max_connections,
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
     max_connections: usize,
     /// Milliseconds a client may take from connecting to choosing an export.
