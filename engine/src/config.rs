@@ -122,29 +122,6 @@ impl StorageConfig {
                 reason,
             })
         };
-        let slot = self.slot_size()?;
-        if !slot.is_power_of_two() || u64::from(slot) < BLOCK {
-            return invalid(
-                "slot_size",
-                self.slot_size.to_string(),
-                format!(
-                    "must be a power of two of at least {}, such as \"1M\"",
-                    ByteSize(BLOCK)
-                ),
-            );
-        }
-        let region = self.region_size()?;
-        if !region.is_power_of_two() || u64::from(region) < BLOCK || region > MAX_REGION_SIZE {
-            return invalid(
-                "region_size",
-                self.region_size.to_string(),
-                format!(
-                    "must be a power of two from {} to {}, such as \"64K\"",
-                    ByteSize(BLOCK),
-                    ByteSize(u64::from(MAX_REGION_SIZE))
-                ),
-            );
-        }
         if !(1..=MAX_MAX_VOLUMES).contains(&self.max_volumes) {
             return invalid(
                 "max_volumes",
@@ -152,8 +129,32 @@ impl StorageConfig {
                 format!("must be from 1 to {MAX_MAX_VOLUMES}"),
             );
         }
+        // The geometry holds the rules for the format-time settings; each
+        // of its refusals is named here by the setting it is about.
+        let (slot, region) = (self.slot_size()?, self.region_size()?);
         match Geometry::compute(self.size.0, slot, region, self.max_volumes) {
             Ok(_) => {}
+            Err(GeometryError::SlotSize { .. }) => {
+                return invalid(
+                    "slot_size",
+                    self.slot_size.to_string(),
+                    format!(
+                        "must be a power of two of at least {}, such as \"1M\"",
+                        ByteSize(BLOCK)
+                    ),
+                );
+            }
+            Err(GeometryError::RegionSize { .. }) => {
+                return invalid(
+                    "region_size",
+                    self.region_size.to_string(),
+                    format!(
+                        "must be a power of two from {} to {}, such as \"64K\"",
+                        ByteSize(BLOCK),
+                        ByteSize(u64::from(MAX_REGION_SIZE))
+                    ),
+                );
+            }
             Err(e @ GeometryError::TooSmall { .. }) => {
                 return invalid(
                     "size",
@@ -168,7 +169,7 @@ impl StorageConfig {
                     format!("{e} for a size of {}", self.size),
                 );
             }
-            Err(e) => return Err(e.into()),
+            Err(e @ GeometryError::NoVolumes) => return Err(e.into()),
         }
         for (setting, value) in [
             ("heartbeat_ms", self.heartbeat_ms),
