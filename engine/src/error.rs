@@ -119,12 +119,17 @@ pub enum EngineError {
     /// More regions are dirty than the bitmask pool reserved at format time can record.
     #[error("the bitmask pool ({blocks} blocks) is full: too many regions differ between replicas")]
     BitmaskPoolFull { blocks: u64 },
-    /// A listening socket could not be set up.
-    #[error("cannot serve {what} on {addr}: {error}")]
-    Listen {
-        what: &'static str,
+    /// The data and management endpoint could not be set up.
+    #[error("cannot serve data on {addr}: {error}")]
+    ServeData {
         addr: std::net::SocketAddr,
-        error: String,
+        error: QuicError,
+    },
+    /// The metrics listener could not be set up.
+    #[error("cannot serve metrics on {addr}: {error}")]
+    ServeMetrics {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
     },
     /// The transport failed.
     #[error(transparent)]

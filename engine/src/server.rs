@@ -17,9 +17,8 @@ use tessera_net::quic::{
     Alpn, Endpoint, PeerConnection, PeerIdentity, ReadExactError, RecvStream, SendStream,
     TlsIdentity, VarInt, serve_mgmt_stream,
 };
-use tracing::{debug, info, warn};
-
 use tessera_net::units::ByteSize;
+use tracing::{debug, info, warn};
 
 use crate::aligned::AlignedBuf;
 use crate::config::StorageConfig;
@@ -537,12 +536,7 @@ async fn serve_data_stream(
                 needed: REQUEST_HEADER_LEN,
                 available,
             };
-            if let Some(suppressed) = MALFORMED.allow() {
-                warn!(%peer, error = %error, suppressed, "malformed request");
-            }
-            service.metrics.refused(error.status());
-            let refusal = Refusal::new(Epoch(0), Refused::Malformed(error));
-            refuse(&mut send, &mut recv, 0, &refusal).await;
+            refuse_malformed(&service, &peer, &mut send, &mut recv, 0, error).await;
             return;
         }
         Err(e) => {
@@ -554,13 +548,8 @@ async fn serve_data_stream(
     let request = match proto::parse_request(&raw) {
         Ok((request, _)) => request,
         Err(e) => {
-            if let Some(suppressed) = MALFORMED.allow() {
-                warn!(%peer, error = %e, suppressed, "malformed request");
-            }
-            service.metrics.refused(e.status());
             let request_id = u64::from_le_bytes(raw[40..48].try_into().unwrap_or_default());
-            let refusal = Refusal::new(Epoch(0), Refused::Malformed(e));
-            refuse(&mut send, &mut recv, request_id, &refusal).await;
+            refuse_malformed(&service, &peer, &mut send, &mut recv, request_id, e).await;
             return;
         }
     };
@@ -668,13 +657,12 @@ async fn execute(
         request
             .verify_payload(&buf)
             .map_err(|e| refusal(Refused::Malformed(e)))?;
+        // Exactly the payload: the stream must end here.
+        stream_ends(recv, request).await.map_err(refusal)?;
         Some(buf)
     } else {
         None
     };
-    if request.opcode.carries_payload() {
-        stream_ends(recv, request).await.map_err(refusal)?;
-    }
     // ...and check again holding the epoch gate, which stays held until the I/O is done.
     let forwarded = request.flags & FLAG_REPLICA != 0;
     let admission = if forwarded {
@@ -780,6 +768,23 @@ async fn send_pieces(
     Ok(())
 }
 
+/// Refuse a header that does not parse: counted, logged (rate-limited) and answered.
+async fn refuse_malformed(
+    service: &Service,
+    peer: &PeerIdentity,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    request_id: u64,
+    error: proto::ProtoError,
+) {
+    if let Some(suppressed) = MALFORMED.allow() {
+        warn!(%peer, error = %error, suppressed, "malformed request");
+    }
+    service.metrics.refused(error.status());
+    let refusal = Refusal::new(Epoch(0), Refused::Malformed(error));
+    refuse(send, recv, request_id, &refusal).await;
+}
+
 /// Answer with a refusal and stop reading whatever the peer still sends.
 async fn refuse(send: &mut SendStream, recv: &mut RecvStream, request_id: u64, refusal: &Refusal) {
     // The reason's text is rendered here, at the edge, and cut to fit.
@@ -833,20 +838,18 @@ pub async fn run(
 ) -> Result<(), EngineError> {
     // Sockets first: a start that fails on them creates no data file.
     let endpoint = Endpoint::bind(config.listen, identity, &config.transport, &Alpn::ALL).map_err(
-        |error| EngineError::Listen {
-            what: "data",
+        |error| EngineError::ServeData {
             addr: config.listen,
-            error: error.to_string(),
+            error,
         },
     )?;
     let metrics_listener = match config.metrics_listen {
         Some(listen) => Some(
             tokio::net::TcpListener::bind(listen)
                 .await
-                .map_err(|error| EngineError::Listen {
-                    what: "metrics",
+                .map_err(|error| EngineError::ServeMetrics {
                     addr: listen,
-                    error: error.to_string(),
+                    error,
                 })?,
         ),
         None => None,
@@ -870,11 +873,12 @@ pub async fn run(
     info!(%name, %addr, data = %config.data.display(), "serving");
     announce(name, "serving on", addr);
     if let Some(listener) = metrics_listener {
-        let bound = listener.local_addr().map_err(|error| EngineError::Listen {
-            what: "metrics",
-            addr: config.metrics_listen.unwrap_or(addr),
-            error: error.to_string(),
-        })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|error| EngineError::ServeMetrics {
+                addr: config.metrics_listen.unwrap_or(addr),
+                error,
+            })?;
         info!(addr = %bound, "metrics at http://{bound}/metrics");
         // After the "serving on" line, which scripts wait for first.
         announce(name, "metrics on", bound);
