@@ -831,7 +831,7 @@ pub async fn primary_flush(
     // Each mirror once, with every partition it mirrors for us (a failure
     // is reported for each of them).
     let mut targets: Vec<(Replica, Vec<u64>)> = Vec::new();
-    if let Some(map) = &admission.placement.map {
+    if let Some(map) = admission.placement.map() {
         for p in map.partitions.iter().filter(|p| repl.leads(p)) {
             for r in p.replicas.iter().skip(1) {
                 if r.state == MirrorState::OutOfSync
@@ -1426,8 +1426,8 @@ async fn copy_region(
     region: u64,
 ) -> Result<(u64, Option<u64>), ForwardError> {
     let repl = &service.replication;
-    let (volume, map, partition, peer) = still_leading(service, volume_id, first_page, peer_name)
-        .ok_or_else(|| ForwardError::NotLeading)?;
+    let (volume, map, partition, peer) =
+        still_leading(service, volume_id, first_page, peer_name).ok_or(ForwardError::NotLeading)?;
     let _gate = volume.hold().await;
     let locks = RegionLocks::new(repl, volume_id, region..region + 1);
     let _exclusive = locks.locks[0].write().await;

@@ -248,7 +248,8 @@ pub enum Part {
 #[derive(Debug, Clone)]
 pub struct PartitionRef {
     map: Rc<VolumeMap>,
-    /// Always a valid index of `map.partitions`: made only by `Store::check`.
+    /// Always a valid index of `map.partitions`: it comes from `Store::check`,
+    /// which found it in this very map.
     index: usize,
 }
 
@@ -260,12 +261,20 @@ impl std::ops::Deref for PartitionRef {
 }
 
 /// Where `Store::check` found a request to fall: the map it was judged
-/// against and, for a request with a range, its partition and this
-/// server's part in it.
+/// against and, for a request with a range, the index of its partition in
+/// that map and this server's part in it.
 #[derive(Debug, Clone)]
 pub struct Placement {
-    pub map: Option<Rc<VolumeMap>>,
-    pub at: Option<(PartitionRef, Part)>,
+    map: Option<Rc<VolumeMap>>,
+    at: Option<(usize, Part)>,
+}
+
+impl Placement {
+    /// The map the request was judged against (none for a request without
+    /// a range on a server that has not fetched its map since a restart).
+    pub fn map(&self) -> Option<&Rc<VolumeMap>> {
+        self.map.as_ref()
+    }
 }
 
 /// An admitted request: what admission found, and the volume's epoch gate,
@@ -276,17 +285,15 @@ pub struct Admission<'a> {
     /// The volume's epoch, fixed while this is held.
     pub epoch: Epoch,
     pub placement: Placement,
-    pub gate: Admitted<'a>,
+    _gate: Admitted<'a>,
 }
 
 impl Admission<'_> {
     /// The partition of a ranged request, if this server has `part` in it.
     pub fn partition(&self, part: Part) -> Option<PartitionRef> {
-        self.placement
-            .at
-            .as_ref()
-            .filter(|(_, p)| *p == part)
-            .map(|(partition, _)| partition.clone())
+        let (index, found) = self.placement.at?;
+        let map = self.placement.map.clone()?;
+        (found == part).then_some(PartitionRef { map, index })
     }
 }
 
@@ -1038,8 +1045,8 @@ impl<D: BlockDevice> Store<D> {
         let part = if replica { Part::Mirror } else { Part::Primary };
         drop(record);
         Ok(Placement {
-            map: Some(map.clone()),
-            at: Some((PartitionRef { map, index }, part)),
+            map: Some(map),
+            at: Some((index, part)),
         })
     }
 
@@ -1068,7 +1075,7 @@ impl<D: BlockDevice> Store<D> {
         Ok(Admission {
             epoch: volume.epoch(),
             placement,
-            gate: Admitted { _gate: gate },
+            _gate: Admitted { _gate: gate },
         })
     }
 
@@ -1089,7 +1096,7 @@ impl<D: BlockDevice> Store<D> {
         Ok(Admission {
             epoch: volume.epoch(),
             placement,
-            gate: Admitted { _gate: gate },
+            _gate: Admitted { _gate: gate },
         })
     }
 

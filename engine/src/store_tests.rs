@@ -370,7 +370,7 @@ fn admission_hands_over_the_partition_and_this_servers_part() {
         // A request without a range has the map but no partition.
         let flush = Request::new(Opcode::Flush, VolumeId(1), Epoch(5), 0, 0, 1);
         let unranged = store.admit(&volume, &flush, &client()).await.unwrap();
-        assert!(unranged.placement.map.is_some());
+        assert!(unranged.placement.map().is_some());
         assert!(unranged.partition(Part::Primary).is_none());
         // While it is held, a map push waits: the epoch cannot move.
         let next = map(6);
