@@ -89,7 +89,7 @@ pub enum ProtoError {
     TrailingBytes { extra: usize },
     /// A map's partitions are out of order or overlap.
     #[error(
-        "partition {index} (pages {first_page}..{end_page}) is empty-backwards or overlaps the one before"
+        "partition {index} (pages {first_page}..{end_page}) ends before it starts or overlaps the one before"
     )]
     PartitionOrder {
         index: usize,
