@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use tessera_engine::config::StorageConfig;
-use tessera_engine::io::IoEngine;
-use tessera_engine::server::{self, FormatPolicy};
+use tessera_engine::disk::io::IoEngine;
+use tessera_engine::store::open::{self, FormatPolicy};
 use tessera_net::proto::Role;
 use tessera_net::quic::TlsIdentity;
 use tessera_net::units::ByteSize;
@@ -139,7 +139,7 @@ fn run_format(args: FormatArgs) -> anyhow::Result<()> {
         FormatPolicy::IfBlank
     };
     tokio_uring::start(async {
-        let store = server::open_store(&config, &identity, policy).await?;
+        let store = open::open_store(&config, &identity, policy).await?;
         let g = store.superblock().geometry;
         println!(
             "{}: formatted for {}: {} data slots of {} ({} usable)",

@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tessera_engine::bitmask::Bitmasks;
+use tessera_engine::store::bitmask::Bitmasks;
 use tessera_net::proto::{
     Epoch, MirrorState, Opcode, Partition, Replica, Request, VolumeId, VolumeMap, parse_request,
 };

@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use tessera_net::quic::{TlsPaths, TransportTuning};
 use tessera_net::units::ByteSize;
 
-use crate::error::EngineError;
-use crate::format::{
+use crate::disk::format::{
     BLOCK, DEFAULT_MAX_VOLUMES, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE, Geometry, GeometryError,
     MAX_REGION_SIZE,
 };
-use crate::io::IoEngine;
+use crate::disk::io::IoEngine;
+use crate::error::EngineError;
 
 /// Settings of `tessera storage`; the file is TOML, command-line flags override it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

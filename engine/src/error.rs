@@ -1,10 +1,10 @@
 use std::path::PathBuf;
 
-use tessera_net::proto::{Epoch, VolumeId};
+use tessera_net::proto::{Epoch, Refusal as MgmtRefusal, VolumeId};
 use tessera_net::quic::QuicError;
 use tessera_net::units::ByteSize;
 
-use crate::format::GeometryError;
+use crate::disk::format::GeometryError;
 
 /// Everything the storage server can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -134,4 +134,18 @@ pub enum EngineError {
     /// The transport failed.
     #[error(transparent)]
     Net(#[from] QuicError),
+}
+
+impl EngineError {
+    /// The management-protocol form of this error, for a refused push or check.
+    pub fn to_mgmt_refusal(&self) -> MgmtRefusal {
+        match self {
+            EngineError::WouldLoseData { .. } => MgmtRefusal::WouldLoseData {
+                detail: self.to_string(),
+            },
+            _ => MgmtRefusal::Invalid {
+                reason: self.to_string(),
+            },
+        }
+    }
 }

@@ -1,27 +1,27 @@
-//! The Tessera storage server.
+//! The Tessera storage server, in layers whose imports run one way (each
+//! uses only those listed before it):
 //!
-//! * [`format`]: the on-disk format (pure encode and decode).
-//! * [`io`]: the switchable I/O engine (io_uring with O_DIRECT, or plain files).
-//! * [`store`]: volumes, epochs, thin-provisioned chunks and data I/O.
-//! * [`bitmask`]: per-peer bitmasks of regions a peer replica may lack.
-//! * [`replication`]: forwarding writes to mirrors, cleaning bits, resync.
-//! * [`server`]: opening a device, the QUIC data and management service,
-//!   and [`run`], a whole storage server in-process.
+//! * [`error`]: [`EngineError`], the one error type of the crate.
+//! * [`disk`]: aligned buffers, block devices and the on-disk format.
+//! * [`config`]: the storage server's TOML config and its validation.
+//! * [`store`]: volumes, epochs, admission, thin-provisioned chunks,
+//!   metadata and bitmask persistence, opening a data file.
+//! * [`repl`]: forwarding writes to mirrors, region tracking, the cleaner,
+//!   resync and the peer protocol.
+//! * [`service`]: QUIC streams and dispatch, reports to the management
+//!   server, metrics, and [`run`], a whole storage server in-process.
+//!
+//! `docs/storage-server.md` has who owns what and the path of one write.
 
-pub mod aligned;
-pub mod bitmask;
 pub mod config;
+pub mod disk;
 pub mod error;
-pub mod format;
-pub mod io;
-pub mod metrics;
-pub mod replication;
-pub mod report;
-pub mod server;
+pub mod repl;
+pub mod service;
 pub mod store;
 
 pub use error::EngineError;
-pub use server::run;
+pub use service::run;
 
 // Offsets and lengths convert between u64 and usize freely: io_uring storage
 // servers run on 64-bit Linux only.

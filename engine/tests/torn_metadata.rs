@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use tessera_engine::EngineError;
-use tessera_engine::aligned::AlignedBuf;
-use tessera_engine::format::{BLOCK, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE, Geometry, Superblock};
-use tessera_engine::io::{BlockDevice, StdDevice, UringDevice};
+use tessera_engine::disk::aligned::AlignedBuf;
+use tessera_engine::disk::format::{
+    BLOCK, DEFAULT_REGION_SIZE, DEFAULT_SLOT_SIZE, Geometry, Superblock,
+};
+use tessera_engine::disk::io::{BlockDevice, StdDevice, UringDevice};
 use tessera_engine::store::{self, Store};
 use tessera_net::proto::{Epoch, MirrorState, Partition, Replica, VolumeId, VolumeMap};
 

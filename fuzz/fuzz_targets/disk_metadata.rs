@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_engine::format::{
+use tessera_engine::disk::format::{
     BitmaskBlock, MetaCopy, Superblock, VolumeRecord, decode_meta, decode_slot_entries,
     encode_meta, SLOTS_PER_BLOCK,
 };

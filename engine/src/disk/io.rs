@@ -10,7 +10,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tokio_uring::buf::BoundedBuf;
 
-use crate::aligned::AlignedBuf;
+use crate::disk::aligned::AlignedBuf;
+use crate::error::EngineError;
 
 /// Block I/O on one file or device. Methods take and give back owned
 /// buffers, as io_uring needs the memory to stay put until completion.
@@ -243,4 +244,67 @@ impl BlockDevice for MemDevice {
     async fn sync_data(&self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// The device behind a store, as chosen by the config.
+#[derive(Debug)]
+pub enum AnyDevice {
+    Uring(UringDevice),
+    Std(StdDevice),
+}
+
+impl BlockDevice for AnyDevice {
+    async fn read_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        match self {
+            AnyDevice::Uring(d) => d.read_at(buf, range, pos).await,
+            AnyDevice::Std(d) => d.read_at(buf, range, pos).await,
+        }
+    }
+
+    async fn write_at(
+        &self,
+        buf: AlignedBuf,
+        range: Range<usize>,
+        pos: u64,
+    ) -> (io::Result<()>, AlignedBuf) {
+        match self {
+            AnyDevice::Uring(d) => d.write_at(buf, range, pos).await,
+            AnyDevice::Std(d) => d.write_at(buf, range, pos).await,
+        }
+    }
+
+    async fn sync_data(&self) -> io::Result<()> {
+        match self {
+            AnyDevice::Uring(d) => d.sync_data().await,
+            AnyDevice::Std(d) => d.sync_data().await,
+        }
+    }
+}
+
+pub fn open_device(path: &Path, engine: IoEngine) -> Result<AnyDevice, EngineError> {
+    let result = match engine {
+        IoEngine::Uring => UringDevice::open(path).map(AnyDevice::Uring),
+        IoEngine::Std => StdDevice::open(path).map(AnyDevice::Std),
+    };
+    result.map_err(|source| {
+        if source.raw_os_error() == Some(libc::EINVAL) && engine == IoEngine::Uring {
+            EngineError::Config {
+                reason: format!(
+                    "{}: O_DIRECT is not supported on this filesystem (tmpfs?); put the data on a disk or set io_engine = \"std\"",
+                    path.display()
+                ),
+            }
+        } else {
+            EngineError::Io {
+                op: "open",
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::server::Service;
+use crate::service::Service;
 
 /// Upper bounds (µs) of the latency histogram buckets; +Inf follows.
 const BUCKETS_US: [u64; 14] = [

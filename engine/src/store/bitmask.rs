@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use bitvec::prelude::{BitVec, Lsb0};
 use tessera_net::proto::VolumeId;
 
-use crate::format::{BitmaskBlock, REGIONS_PER_BITMASK_BLOCK};
+use crate::disk::format::{BitmaskBlock, REGIONS_PER_BITMASK_BLOCK};
 
 type Bits = BitVec<u8, Lsb0>;
 

@@ -9,7 +9,7 @@ use tessera_net::proto::{Epoch, MgmtReply, MgmtRequest, Role};
 use tessera_net::quic::{Alpn, ConnectError, Endpoint, PeerConnection, QuicError};
 use tracing::{debug, info, warn};
 
-use crate::server::Service;
+use crate::service::Service;
 
 /// Where the management server is and how often to report.
 #[derive(Debug, Clone)]

@@ -12,8 +12,8 @@ use tessera_net::proto::{
 use tessera_net::quic::PeerIdentity;
 
 use super::*;
-use crate::format::{DEFAULT_REGION_SIZE, Geometry};
-use crate::io::MemDevice;
+use crate::disk::format::{DEFAULT_REGION_SIZE, Geometry};
+use crate::disk::io::MemDevice;
 
 const SIZE: u64 = 32 << 20;
 const SLOT: u32 = 1 << 20;
