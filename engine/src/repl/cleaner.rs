@@ -9,7 +9,8 @@ use tessera_net::proto::{
 use tracing::{debug, warn};
 
 use super::Replication;
-use crate::service::Service;
+use crate::disk::io::BlockDevice;
+use crate::store::Store;
 
 /// Whether `region` may be cleared for `peer`: quiet since `stamp`, and not
 /// owed a copy.
@@ -24,13 +25,11 @@ fn clearable(repl: &Replication, volume: VolumeId, peer: &str, region: u64, stam
 
 /// One cleaning pass: flush here and on the mirrors, then clear the bits of
 /// regions that no write touched meanwhile, here and on the mirrors.
-pub(super) async fn clean(service: &Service) {
-    let repl = &service.replication;
-    let store = &service.store;
+pub(super) async fn clean<D: BlockDevice>(store: &Store<D>, repl: &Replication) {
     repl.next_pass();
     let _watch = repl.watch();
     let mut work = Vec::new();
-    for (volume, p, range) in repl.led(service) {
+    for (volume, p, range) in repl.led(store) {
         for peer in p.replicas.iter().skip(1) {
             // Only in-sync mirrors: a resyncing one may still lack regions
             // whose bits are set (its resync clears them as it copies).

@@ -44,7 +44,8 @@ use tessera_net::proto::{
 use tessera_net::quic::{Alpn, Connector, Endpoint};
 use tracing::info;
 
-use crate::service::Service;
+use crate::disk::io::BlockDevice;
+use crate::store::Store;
 use crate::store::Volume;
 
 /// Replication settings (from the storage config).
@@ -162,9 +163,9 @@ impl Replication {
     /// (it was promoted, or it restarted) may hold writes that reached some
     /// replicas only: the regions its bits name are copied to the in-sync
     /// mirrors before those bits may clear.
-    pub fn map_changed(&self, service: &Service, volume: VolumeId) {
+    pub fn map_changed<D: BlockDevice>(&self, store: &Store<D>, volume: VolumeId) {
         self.failures.borrow_mut().forget_volume(volume);
-        let Some(held) = service.store.volume(volume) else {
+        let Some(held) = store.volume(volume) else {
             return;
         };
         let Some(map) = held.map() else {
@@ -201,8 +202,7 @@ impl Replication {
                         .borrow_mut()
                         .insert((volume, peer.server.clone(), p.first_page));
                 }
-                let ours: Vec<u64> = service
-                    .store
+                let ours: Vec<u64> = store
                     .dirty_regions(volume, &peer.server)
                     .into_iter()
                     .filter(|r| range.contains(r))
@@ -216,9 +216,9 @@ impl Replication {
     }
 
     /// Every partition this server leads, with its volume and regions.
-    fn led(&self, service: &Service) -> Vec<(Rc<Volume>, Partition, Range<u64>)> {
+    fn led<D: BlockDevice>(&self, store: &Store<D>) -> Vec<(Rc<Volume>, Partition, Range<u64>)> {
         let mut out = Vec::new();
-        for volume in service.store.volumes() {
+        for volume in store.volumes() {
             let Some(map) = volume.map() else { continue };
             for p in map.partitions.iter().filter(|p| self.leads(p)) {
                 let range = self.partition_regions(&map, p);
@@ -229,13 +229,11 @@ impl Replication {
     }
 
     /// Bitmask counts and resync progress of the partitions this server leads.
-    pub fn reports(&self, service: &Service) -> Vec<MirrorReport> {
+    pub fn reports<D: BlockDevice>(&self, store: &Store<D>) -> Vec<MirrorReport> {
         let mut out = Vec::new();
-        for (volume, p, range) in self.led(service) {
+        for (volume, p, range) in self.led(store) {
             for peer in p.replicas.iter().skip(1) {
-                let dirty = service
-                    .store
-                    .dirty_count(volume.id, &peer.server, range.clone());
+                let dirty = store.dirty_count(volume.id, &peer.server, range.clone());
                 let resync = self
                     .resyncs
                     .borrow()
@@ -270,11 +268,14 @@ impl Replication {
 
 /// The background loop of a storage server's replication: clean bits and
 /// start the resyncs that are due.
-pub async fn replication_loop(service: Rc<Service>) {
-    let interval = service.replication.settings.clean_interval;
+pub async fn replication_loop<D: BlockDevice + 'static>(
+    store: Rc<Store<D>>,
+    repl: Rc<Replication>,
+) {
+    let interval = repl.settings.clean_interval;
     loop {
         tokio::time::sleep(interval).await;
-        schedule(&service);
-        clean(&service).await;
+        schedule(&store, &repl);
+        clean(&store, &repl).await;
     }
 }

@@ -12,7 +12,8 @@ use tessera_net::quic::{Connector, PeerIdentity};
 
 use super::Replication;
 use super::runs::{Cover, MAX_REGION_RUNS, coarsen, convert_runs};
-use crate::service::Service;
+use crate::disk::io::BlockDevice;
+use crate::store::Store;
 
 impl Replication {
     pub(super) async fn call_mgmt(&self, request: &MgmtRequest) -> Result<MgmtReply, CallError> {
@@ -81,13 +82,12 @@ async fn call(
 }
 
 /// The management-protocol requests storage servers send each other.
-pub async fn handle_peer_request(
-    service: &Service,
+pub async fn handle_peer_request<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     sender: &PeerIdentity,
     request: MgmtRequest,
 ) -> MgmtReply {
-    let store = &service.store;
-    let repl = &service.replication;
     match request {
         MgmtRequest::DirtyRegions { volume, peer } => {
             let all = store.volume(volume).is_none_or(|v| v.needs_full_copy());
@@ -110,7 +110,8 @@ pub async fn handle_peer_request(
             regions,
             region_size,
         } => match clean_for(
-            service,
+            store,
+            repl,
             sender,
             volume,
             epoch,
@@ -133,8 +134,9 @@ pub async fn handle_peer_request(
 /// Apply a `Clean` from `sender`: only from the partition's primary, at the
 /// volume's current epoch (under its gate), and only inside the partition.
 #[allow(clippy::too_many_arguments)]
-async fn clean_for(
-    service: &Service,
+async fn clean_for<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     sender: &PeerIdentity,
     volume: VolumeId,
     epoch: Epoch,
@@ -143,14 +145,10 @@ async fn clean_for(
     regions: &[(u64, u64)],
     region_size: u32,
 ) -> Result<(), MgmtRefusal> {
-    let repl = &service.replication;
-    let held = service
-        .store
-        .volume(volume)
-        .ok_or_else(|| MgmtRefusal::NotFound {
-            kind: "volume".into(),
-            name: volume.to_string(),
-        })?;
+    let held = store.volume(volume).ok_or_else(|| MgmtRefusal::NotFound {
+        kind: "volume".into(),
+        name: volume.to_string(),
+    })?;
     let _gate = held.hold().await;
     if !EpochVerdict::judge(held.epoch(), epoch).is_current() {
         return Err(MgmtRefusal::StaleEpoch {
@@ -182,8 +180,7 @@ async fn clean_for(
     );
     // Bits under this server's own name are what it lacks itself.
     for peer in peers {
-        service
-            .store
+        store
             .clear_dirty_runs(volume, peer, &mine)
             .await
             .map_err(|e| MgmtRefusal::Unavailable {

@@ -13,11 +13,13 @@ use tessera_net::proto::{
 use tracing::{debug, info, warn};
 
 use super::MirrorKey;
+use super::Replication;
 use super::cleaner::tell_clean;
 use super::forward::ForwardError;
 use super::regions::RegionLocks;
 use super::runs::{Cover, convert_runs, merge_runs, runs_of};
-use crate::service::Service;
+use crate::disk::io::BlockDevice;
+use crate::store::Store;
 use crate::store::{ReadPiece, Volume};
 
 /// Regions copied between two cleaning steps of a resync.
@@ -33,9 +35,8 @@ pub(super) struct Resync {
 
 /// Start the resyncs that are due: mirrors being resynced, and in-sync
 /// mirrors with regions to copy or bits to ask for.
-pub(super) fn schedule(service: &Rc<Service>) {
-    let repl = &service.replication;
-    for (volume, p, range) in repl.led(service) {
+pub(super) fn schedule<D: BlockDevice + 'static>(store: &Rc<Store<D>>, repl: &Rc<Replication>) {
+    for (volume, p, range) in repl.led(store) {
         for peer in p.replicas.iter().skip(1) {
             let key = (volume.id, peer.server.clone(), p.first_page);
             let pending = repl
@@ -55,10 +56,10 @@ pub(super) fn schedule(service: &Rc<Service>) {
                 repl.resyncs
                     .borrow_mut()
                     .insert(key.clone(), resync.clone());
-                let service = service.clone();
+                let (store, repl) = (store.clone(), repl.clone());
                 tokio_uring::spawn(async move {
-                    resync_partition(&service, &key, &resync).await;
-                    service.replication.resyncs.borrow_mut().remove(&key);
+                    resync_partition(&store, &repl, &key, &resync).await;
+                    repl.resyncs.borrow_mut().remove(&key);
                 });
             }
         }
@@ -67,16 +68,17 @@ pub(super) fn schedule(service: &Rc<Service>) {
 
 /// The current map, if this server still leads partition `first_page` and
 /// `peer` still is a mirror of it that is not out of sync.
-fn still_leading(
-    service: &Service,
+fn still_leading<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     volume: VolumeId,
     first_page: u64,
     peer: &str,
 ) -> Option<(Rc<Volume>, Rc<VolumeMap>, Partition, Replica)> {
-    let v = service.store.volume(volume)?;
+    let v = store.volume(volume)?;
     let map = v.map()?;
     let p = map.partition_starting_at(first_page)?.clone();
-    if !service.replication.leads(&p) {
+    if !repl.leads(&p) {
         return None;
     }
     let r = p
@@ -92,10 +94,15 @@ fn still_leading(
 }
 
 /// Copy to `peer` every region it may lack in one partition.
-async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync) {
-    let repl = &service.replication;
+async fn resync_partition<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
+    key: &MirrorKey,
+    progress: &Resync,
+) {
     let (volume_id, peer_name, first_page) = (key.0, key.1.as_str(), key.2);
-    let Some((_, map, partition, peer)) = still_leading(service, volume_id, first_page, peer_name)
+    let Some((_, map, partition, peer)) =
+        still_leading(store, repl, volume_id, first_page, peer_name)
     else {
         return;
     };
@@ -113,8 +120,7 @@ async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync)
         // or for itself (writes that reached it only; what a wiped disk lacks).
         if resyncing {
             todo.extend(runs_of(
-                service
-                    .store
+                store
                     .dirty_regions(volume_id, peer_name)
                     .into_iter()
                     .filter(|r| range.contains(r)),
@@ -174,7 +180,7 @@ async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync)
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
-            match copy_region(service, volume_id, first_page, peer_name, region).await {
+            match copy_region(store, repl, volume_id, first_page, peer_name, region).await {
                 Ok((bytes, stamp)) => {
                     copied_bytes += bytes;
                     repl.resynced_bytes.set(repl.resynced_bytes.get() + bytes);
@@ -188,7 +194,7 @@ async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync)
                 Err(reason) => {
                     warn!(volume = %volume_id, mirror = peer_name, region, %reason, "resync stopped");
                     if let Some((v, _, _, _)) =
-                        still_leading(service, volume_id, first_page, peer_name)
+                        still_leading(store, repl, volume_id, first_page, peer_name)
                     {
                         let _ = repl
                             .mirror_failed(volume_id, v.epoch(), first_page, peer_name)
@@ -198,12 +204,12 @@ async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync)
                 }
             }
         }
-        if !finish_batch(service, key, &copied).await {
+        if !finish_batch(store, repl, key, &copied).await {
             return;
         }
     }
     if resyncing {
-        report_resync_done(service, volume_id, first_page, peer_name).await;
+        report_resync_done(store, repl, volume_id, first_page, peer_name).await;
     }
     info!(volume = %volume_id, mirror = peer_name, first_page, bytes = copied_bytes, secs = started.elapsed().as_secs_f64(), "resync finished");
 }
@@ -211,16 +217,17 @@ async fn resync_partition(service: &Service, key: &MirrorKey, progress: &Resync)
 /// Copy one region (its part inside the partition) to `peer`; returns the
 /// bytes copied and the region's write stamp at the copy (`None` if a write
 /// was waiting on it: then its bits must not clear).
-async fn copy_region(
-    service: &Service,
+async fn copy_region<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     volume_id: VolumeId,
     first_page: u64,
     peer_name: &str,
     region: u64,
 ) -> Result<(u64, Option<u64>), ForwardError> {
-    let repl = &service.replication;
     let (volume, map, partition, peer) =
-        still_leading(service, volume_id, first_page, peer_name).ok_or(ForwardError::NotLeading)?;
+        still_leading(store, repl, volume_id, first_page, peer_name)
+            .ok_or(ForwardError::NotLeading)?;
     let _gate = volume.hold().await;
     let locks = RegionLocks::new(repl, volume_id, region..region + 1);
     let _exclusive = locks.locks[0].write().await;
@@ -234,8 +241,7 @@ async fn copy_region(
         return Ok((0, stamp));
     }
     let len = (end - start) as u32;
-    let pieces = service
-        .store
+    let pieces = store
         .read(&volume, start, len)
         .await
         .map_err(|r| ForwardError::LocalRead(r.reason.to_string()))?;
@@ -277,11 +283,15 @@ async fn copy_region(
 /// After a batch: flush the mirror, then clear the bits of the copied
 /// regions that no write touched since, here and on the other replicas.
 /// False if the mirror is gone.
-async fn finish_batch(service: &Service, key: &MirrorKey, copied: &[(u64, Option<u64>)]) -> bool {
-    let repl = &service.replication;
+async fn finish_batch<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
+    key: &MirrorKey,
+    copied: &[(u64, Option<u64>)],
+) -> bool {
     let (volume_id, peer_name, first_page) = (key.0, key.1.as_str(), key.2);
     let Some((volume, _, partition, peer)) =
-        still_leading(service, volume_id, first_page, peer_name)
+        still_leading(store, repl, volume_id, first_page, peer_name)
     else {
         return false;
     };
@@ -316,11 +326,7 @@ async fn finish_batch(service: &Service, key: &MirrorKey, copied: &[(u64, Option
             owed.remove(r);
         }
     }
-    if let Err(e) = service
-        .store
-        .clear_dirty(volume_id, peer_name, &clean)
-        .await
-    {
+    if let Err(e) = store.clear_dirty(volume_id, peer_name, &clean).await {
         warn!(error = %e, "cannot clear bits after resync");
         return false;
     }
@@ -331,10 +337,16 @@ async fn finish_batch(service: &Service, key: &MirrorKey, copied: &[(u64, Option
 
 /// Tell the management server the mirror is in sync; retried until it is
 /// recorded or the map moves on.
-async fn report_resync_done(service: &Service, volume_id: VolumeId, first_page: u64, peer: &str) {
-    let repl = &service.replication;
+async fn report_resync_done<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
+    volume_id: VolumeId,
+    first_page: u64,
+    peer: &str,
+) {
     for attempt in 0..20u32 {
-        let Some((volume, _, _, r)) = still_leading(service, volume_id, first_page, peer) else {
+        let Some((volume, _, _, r)) = still_leading(store, repl, volume_id, first_page, peer)
+        else {
             return;
         };
         if r.state != MirrorState::Resyncing {

@@ -5,25 +5,26 @@ use futures_util::future::join_all;
 use tessera_net::proto::{FLAG_RESYNC, Forward, MirrorState, Opcode, Replica, Request};
 use tracing::warn;
 
+use super::Replication;
 use super::forward::settle;
 use super::regions::RegionLocks;
 use crate::disk::aligned::AlignedBuf;
-use crate::service::Service;
+use crate::disk::io::BlockDevice;
+use crate::store::Store;
 use crate::store::{Admission, Part, Refusal, Refused, Volume};
 
 /// Execute an admitted write, trim or write-zeroes as the partition's
 /// primary: intent bits, local I/O and forwarding in parallel. The epoch
 /// gate (`admission`) is let go once the I/O is done: waiting for the
 /// management server to record a lost mirror must not hold up a map push.
-pub async fn primary_write(
-    service: &Service,
+pub async fn primary_write<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     volume: &Volume,
     admission: Admission<'_>,
     request: &Request,
     payload: Option<AlignedBuf>,
 ) -> Result<(), Refusal> {
-    let store = &service.store;
-    let repl = &service.replication;
     let epoch = admission.epoch;
     let Some(partition) = admission.partition(Part::Primary) else {
         return Err(Refusal::new(epoch, Refused::NotAdmittedAsPrimary));
@@ -31,7 +32,7 @@ pub async fn primary_write(
     let first_page = partition.first_page;
     let peers: Vec<&Replica> = partition.replicas.iter().skip(1).collect();
     if peers.is_empty() {
-        return apply_local(service, volume, request, payload).await;
+        return apply_local(store, volume, request, payload).await;
     }
     let regions = repl.regions_of(request.offset, u64::from(request.length));
     let in_flight = repl.begin(volume.id, regions.clone());
@@ -53,7 +54,7 @@ pub async fn primary_write(
         Some(p) if !targets.is_empty() => Bytes::copy_from_slice(p),
         _ => Bytes::new(),
     };
-    let local = apply_local(service, volume, request, payload);
+    let local = apply_local(store, volume, request, payload);
     let remote = join_all(targets.iter().map(|t| {
         repl.forward(
             (volume.id, first_page),
@@ -86,12 +87,12 @@ pub async fn primary_write(
 }
 
 /// FLUSH as a primary: locally and on every mirror this server forwards to.
-pub async fn primary_flush(
-    service: &Service,
+pub async fn primary_flush<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     volume: &Volume,
     admission: Admission<'_>,
 ) -> Result<(), Refusal> {
-    let repl = &service.replication;
     let epoch = admission.epoch;
     // Each mirror once, with every partition it mirrors for us (a failure
     // is reported for each of them).
@@ -112,7 +113,7 @@ pub async fn primary_flush(
         }
     }
     let request = Request::new(Opcode::Flush, volume.id, epoch, 0, 0, 0);
-    let local = service.store.flush();
+    let local = store.flush();
     let remote = join_all(targets.iter().map(|(t, pages)| {
         repl.forward(
             (volume.id, pages[0]),
@@ -134,14 +135,14 @@ pub async fn primary_flush(
 
 /// Apply a write forwarded by the primary: set bits for every other replica
 /// (unless it is a resync copy), then write.
-pub async fn mirror_write(
-    service: &Service,
+pub async fn mirror_write<D: BlockDevice>(
+    store: &Store<D>,
+    repl: &Replication,
     volume: &Volume,
     admission: &Admission<'_>,
     request: &Request,
     payload: Option<AlignedBuf>,
 ) -> Result<(), Refusal> {
-    let repl = &service.replication;
     if request.flags & FLAG_RESYNC == 0
         && let Some(p) = admission.partition(Part::Mirror)
     {
@@ -152,22 +153,20 @@ pub async fn mirror_write(
             .filter(|s| *s != repl.me)
             .collect();
         let regions = repl.regions_of(request.offset, u64::from(request.length));
-        service
-            .store
+        store
             .mark_dirty(volume.id, &others, regions)
             .await
             .map_err(|e| io_refusal(volume, &e))?;
     }
-    apply_local(service, volume, request, payload).await
+    apply_local(store, volume, request, payload).await
 }
 
-async fn apply_local(
-    service: &Service,
+async fn apply_local<D: BlockDevice>(
+    store: &Store<D>,
     volume: &Volume,
     request: &Request,
     payload: Option<AlignedBuf>,
 ) -> Result<(), Refusal> {
-    let store = &service.store;
     match (request.opcode, payload) {
         (Opcode::Write, Some(data)) => {
             store

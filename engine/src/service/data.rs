@@ -182,14 +182,30 @@ async fn execute(
         (Opcode::Read, _) => store.read(&volume, request.offset, request.length).await?,
         (Opcode::Write | Opcode::Trim | Opcode::WriteZeroes, payload) => {
             if forwarded {
-                repl::mirror_write(service, &volume, &admission, request, payload).await?;
+                repl::mirror_write(
+                    &service.store,
+                    &service.replication,
+                    &volume,
+                    &admission,
+                    request,
+                    payload,
+                )
+                .await?;
             } else {
-                repl::primary_write(service, &volume, admission, request, payload).await?;
+                repl::primary_write(
+                    &service.store,
+                    &service.replication,
+                    &volume,
+                    admission,
+                    request,
+                    payload,
+                )
+                .await?;
             }
             Vec::new()
         }
         (Opcode::Flush, _) if !forwarded => {
-            repl::primary_flush(service, &volume, admission).await?;
+            repl::primary_flush(&service.store, &service.replication, &volume, admission).await?;
             Vec::new()
         }
         (Opcode::Flush, _) => {

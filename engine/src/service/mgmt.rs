@@ -21,7 +21,7 @@ pub(super) async fn serve_mgmt_request(
     match request {
         MgmtRequest::PushMap { map } => {
             let reply = store.handle_push(&map).await;
-            service.replication.map_changed(service, map.id);
+            service.replication.map_changed(&service.store, map.id);
             reply
         }
         MgmtRequest::CheckMap { map } => match store.check_map(&map) {
@@ -43,7 +43,7 @@ pub(super) async fn serve_mgmt_request(
                 .unwrap_or(Epoch(0)),
         },
         request @ (MgmtRequest::DirtyRegions { .. } | MgmtRequest::Clean { .. }) => {
-            repl::handle_peer_request(service, sender, request).await
+            repl::handle_peer_request(&service.store, &service.replication, sender, request).await
         }
         MgmtRequest::RegionChecksums {
             volume,

@@ -27,8 +27,8 @@ use crate::store::open::{FormatPolicy, open_store};
 /// client knows a newer epoch than this server (so its map is out of date).
 #[derive(Debug)]
 pub struct Service {
-    pub store: Store<AnyDevice>,
-    pub replication: Replication,
+    pub store: Rc<Store<AnyDevice>>,
+    pub replication: Rc<Replication>,
     pub refresh: tokio::sync::Notify,
     /// Counters for `GET /metrics`.
     pub metrics: Metrics,
@@ -43,8 +43,8 @@ const IO_BUDGET: usize = 256 << 20;
 impl Service {
     pub fn new(store: Store<AnyDevice>, replication: Replication) -> Self {
         Service {
-            store,
-            replication,
+            store: Rc::new(store),
+            replication: Rc::new(replication),
             refresh: tokio::sync::Notify::new(),
             metrics: Metrics::default(),
             budget: tokio::sync::Semaphore::new(IO_BUDGET / BLOCK_SIZE as usize),
@@ -156,7 +156,10 @@ pub async fn run(
         tokio_uring::spawn(metrics::serve_metrics(service.clone(), listener));
     }
     tokio_uring::spawn(serve(service.clone(), endpoint.clone()));
-    tokio_uring::spawn(repl::replication_loop(service.clone()));
+    tokio_uring::spawn(repl::replication_loop(
+        service.store.clone(),
+        service.replication.clone(),
+    ));
     if let Some(mgmt) = config.mgmt {
         let target = report::ReportTarget {
             addr: mgmt,

@@ -84,7 +84,7 @@ async fn session(
                     if let MgmtReply::Refused(refusal) = service.store.handle_push(&map).await {
                         warn!(volume = %map.id, %refusal, "map from heartbeat not applied");
                     }
-                    service.replication.map_changed(service, map.id);
+                    service.replication.map_changed(&service.store, map.id);
                 }
                 for id in dropped {
                     if let Err(e) = service.store.drop_volume(id).await {
@@ -99,7 +99,7 @@ async fn session(
             other => warn!(?other, "unexpected heartbeat reply"),
         }
         let report = MgmtRequest::ReportMirrors {
-            mirrors: service.replication.reports(service),
+            mirrors: service.replication.reports(&service.store),
             resynced_bytes: service.replication.resynced_bytes(),
         };
         if let MgmtReply::Refused(refusal) = conn.mgmt(&report).await? {
