@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tokio_uring::buf::BoundedBuf;
 
-use crate::disk::aligned::AlignedBuf;
+use crate::disk::aligned::{AlignedBuf, FillError};
 use crate::error::EngineError;
 
 /// Block I/O on one file or device. Methods take and give back owned
@@ -87,6 +87,10 @@ impl BlockDevice for UringDevice {
         range: Range<usize>,
         pos: u64,
     ) -> (io::Result<()>, AlignedBuf) {
+        // The kernel fills the range; it must leave no unfilled gap before it.
+        if range.start > range.end || range.start > buf.len() || range.end > buf.capacity() {
+            return (Err(range_error()), buf);
+        }
         let (result, slice) = self.file.read_exact_at(buf.slice(range), pos).await;
         (result, slice.into_inner())
     }
@@ -97,6 +101,9 @@ impl BlockDevice for UringDevice {
         range: Range<usize>,
         pos: u64,
     ) -> (io::Result<()>, AlignedBuf) {
+        if range.start > range.end || range.end > buf.len() {
+            return (Err(range_error()), buf);
+        }
         let (result, slice) = self.file.write_all_at(buf.slice(range), pos).await;
         (result, slice.into_inner())
     }
@@ -127,6 +134,18 @@ fn range_error() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "range outside the buffer")
 }
 
+/// Fill `range` of `buf` by `read`; the bytes become readable only if it succeeds.
+fn fill(
+    buf: &mut AlignedBuf,
+    range: Range<usize>,
+    read: impl FnOnce(&mut [u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    buf.fill_with(range, read).map_err(|e| match e {
+        FillError::Range { .. } => range_error(),
+        FillError::Fill(e) => e,
+    })
+}
+
 impl BlockDevice for StdDevice {
     async fn read_at(
         &self,
@@ -134,10 +153,7 @@ impl BlockDevice for StdDevice {
         range: Range<usize>,
         pos: u64,
     ) -> (io::Result<()>, AlignedBuf) {
-        let result = match buf.get_mut(range) {
-            Some(dst) => self.file.read_exact_at(dst, pos),
-            None => Err(range_error()),
-        };
+        let result = fill(&mut buf, range, |dst| self.file.read_exact_at(dst, pos));
         (result, buf)
     }
 
@@ -201,14 +217,13 @@ impl BlockDevice for MemDevice {
         pos: u64,
     ) -> (io::Result<()>, AlignedBuf) {
         let bytes = self.bytes.borrow();
-        let result = match buf.get_mut(range) {
-            Some(dst) => usize::try_from(pos)
+        let result = fill(&mut buf, range, |dst| {
+            usize::try_from(pos)
                 .ok()
                 .and_then(|at| bytes.get(at..at.checked_add(dst.len())?))
                 .map(|src| dst.copy_from_slice(src))
-                .ok_or_else(past_end),
-            None => Err(range_error()),
-        };
+                .ok_or_else(past_end)
+        });
         drop(bytes);
         (result, buf)
     }

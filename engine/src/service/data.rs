@@ -144,14 +144,12 @@ async fn execute(
     })?;
     let refusal = |reason: Refused| Refusal::new(volume.epoch(), reason);
     let payload = if request.opcode == Opcode::Write {
-        let mut buf = AlignedBuf::for_overwrite(request.payload_len());
-        let received = tokio::time::timeout(STREAM_TIMEOUT, recv.read_exact(&mut buf)).await;
+        let mut buf = AlignedBuf::with_capacity(request.payload_len());
+        let received = tokio::time::timeout(STREAM_TIMEOUT, receive(recv, &mut buf)).await;
         match received {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(refusal(Refused::PayloadNotReceived {
-                    error: e.to_string(),
-                }));
+            Ok(Err(error)) => {
+                return Err(refusal(Refused::PayloadNotReceived { error }));
             }
             Err(_) => {
                 return Err(refusal(Refused::PayloadTimeout {
@@ -226,6 +224,23 @@ async fn execute(
 
 /// A request's stream holds exactly `payload_len` bytes after the header
 /// and then ends; `Err` says how it did not.
+/// Fill `buf` from `recv`, chunk by chunk (no chunk is longer than the room left).
+async fn receive(recv: &mut RecvStream, buf: &mut AlignedBuf) -> Result<(), String> {
+    while !buf.is_full() {
+        let chunk = match recv.read_chunk(buf.remaining(), true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                let (got, of) = (buf.len(), buf.capacity());
+                return Err(format!("stream finished early ({got} of {of} bytes)"));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        buf.extend_from_slice(&chunk.bytes)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 async fn stream_ends(recv: &mut RecvStream, request: &Request) -> Result<(), Refused> {
     match tokio::time::timeout(STREAM_TIMEOUT, recv.read_chunk(1, true)).await {
         Ok(Ok(None)) => Ok(()),

@@ -84,7 +84,7 @@ impl<D: BlockDevice> Store<D> {
             let pos = self.superblock.geometry.slot_offset(slot) + within.start;
             let (res, buf) = self
                 .dev
-                .read_at(AlignedBuf::for_overwrite(n), 0..n, pos)
+                .read_at(AlignedBuf::with_capacity(n), 0..n, pos)
                 .await;
             res.map_err(|e| self.io_refusal(volume, &io_err("read", &self.path)(e)))?;
             out.push(ReadPiece::Data(buf));
