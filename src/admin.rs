@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use tessera_net::proto::{AdminCommand, ClusterStatus, MgmtReply, MgmtRequest, Role, VolumeMap};
+use tessera_net::proto::{
+    AdminCommand, ClusterStatus, MgmtReply, MgmtRequest, MirrorStatus, Role, VolumeMap,
+};
 use tessera_net::quic::{Alpn, Endpoint, TlsPaths, TransportTuning};
 use tessera_net::units::ByteSize;
 
@@ -166,6 +168,14 @@ impl Connection {
     pub fn status(&self) -> anyhow::Result<ClusterStatus> {
         match self.call(MgmtRequest::Status)? {
             MgmtReply::Status(status) => Ok(status),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Every mirror as the management server's monitor judges it.
+    pub fn mirror_status(&self) -> anyhow::Result<Vec<MirrorStatus>> {
+        match self.call(MgmtRequest::MirrorStatus)? {
+            MgmtReply::MirrorStatus(mirrors) => Ok(mirrors),
             other => bail!("unexpected reply {other:?}"),
         }
     }
@@ -363,6 +373,7 @@ fn print_servers(status: &ClusterStatus) {
 
 pub fn status(connection: &Connection) -> anyhow::Result<()> {
     let status = connection.status()?;
+    let monitored = connection.mirror_status()?;
     connection.print(&status, || {
         println!("cluster epoch {}", status.epoch.0);
         println!();
@@ -373,7 +384,7 @@ pub fn status(connection: &Connection) -> anyhow::Result<()> {
         let mirrors: Vec<_> = status
             .volumes
             .iter()
-            .flat_map(|v| crate::mirror_cmd::rows(&status, v))
+            .flat_map(|v| crate::mirror_cmd::rows(&monitored, &v.name))
             .collect();
         if !mirrors.is_empty() {
             println!();

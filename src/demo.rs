@@ -167,10 +167,8 @@ async fn demo(command: &DemoCommand, dir: &Path, cluster: &LocalCluster) -> anyh
         started.elapsed().as_secs_f64() * 1000.0
     );
 
-    if let MgmtReply::Status(status) = admin.mgmt(&MgmtRequest::Status).await?
-        && let Some(v) = status.volumes.iter().find(|v| v.name == VOLUME)
-    {
-        let rows = crate::mirror_cmd::rows(&status, v);
+    if let MgmtReply::MirrorStatus(mirrors) = admin.mgmt(&MgmtRequest::MirrorStatus).await? {
+        let rows = crate::mirror_cmd::rows(&mirrors, VOLUME);
         let in_sync = rows.iter().filter(|r| r.state == "in sync").count();
         println!("mirrors: {in_sync} of {} in sync", rows.len());
     }

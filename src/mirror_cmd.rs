@@ -8,7 +8,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tessera_net::proto::{
-    ClusterStatus, MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, MirrorState, Role, VolumeMap,
+    MAX_CHECKSUM_REGIONS, MgmtReply, MgmtRequest, MirrorState, MirrorStatus, Role,
 };
 use tessera_net::quic::{Alpn, Endpoint, TransportTuning};
 use tessera_net::units::ByteSize;
@@ -29,7 +29,8 @@ pub enum MirrorCommand {
     },
 }
 
-/// One mirror of one partition, as `mirror status` shows it.
+/// One mirror of one partition, as `mirror status` shows it (the
+/// monitor's judgement, with the state spelled out).
 #[derive(Debug, Clone, Serialize)]
 pub struct MirrorRow {
     pub volume: String,
@@ -57,53 +58,26 @@ pub fn state_name(state: MirrorState) -> &'static str {
     }
 }
 
-/// The mirrors of `volume`, joined with their primaries' latest reports.
-pub fn rows(status: &ClusterStatus, volume: &VolumeMap) -> Vec<MirrorRow> {
-    let mut out = Vec::new();
-    for p in &volume.partitions {
-        let Some(primary) = p.replicas.first() else {
-            continue;
-        };
-        for r in p.replicas.iter().skip(1) {
-            let report = status.mirrors.iter().find(|m| {
-                m.reporter == primary.server
-                    && m.volume == volume.id
-                    && m.first_page == p.first_page
-                    && m.peer == r.server
-            });
-            let dirty = report.map_or(0, |m| m.dirty_regions);
-            let region = report.map_or(0, |m| u64::from(m.region_size));
-            let resync = report.and_then(|m| m.resync.clone());
-            let (total, copied, rate) = resync.map_or((0, 0, 0), |r| {
-                (r.total_regions, r.copied_regions, r.bytes_per_sec)
-            });
-            let eta = (r.state == MirrorState::Resyncing && rate > 0)
-                .then(|| total.saturating_sub(copied) * region / rate);
-            out.push(MirrorRow {
-                volume: volume.name.clone(),
-                first_page: p.first_page,
-                end_page: p.end_page,
-                primary: primary.server.clone(),
-                mirror: r.server.clone(),
-                state: state_name(r.state),
-                differing_regions: if r.state == MirrorState::InSync {
-                    0
-                } else {
-                    dirty
-                },
-                differing_bytes: if r.state == MirrorState::InSync {
-                    0
-                } else {
-                    dirty * region
-                },
-                resync_total_regions: total,
-                resync_copied_regions: copied,
-                resync_bytes_per_sec: rate,
-                eta_secs: eta,
-            });
-        }
-    }
-    out
+/// The mirrors of `volume` as the management server's monitor judged them.
+pub fn rows(mirrors: &[MirrorStatus], volume: &str) -> Vec<MirrorRow> {
+    mirrors
+        .iter()
+        .filter(|m| m.volume == volume)
+        .map(|m| MirrorRow {
+            volume: m.volume.clone(),
+            first_page: m.first_page,
+            end_page: m.end_page,
+            primary: m.primary.clone(),
+            mirror: m.mirror.clone(),
+            state: state_name(m.state),
+            differing_regions: m.differing_regions,
+            differing_bytes: m.differing_bytes,
+            resync_total_regions: m.resync_total_regions,
+            resync_copied_regions: m.resync_copied_regions,
+            resync_bytes_per_sec: m.resync_bytes_per_sec,
+            eta_secs: m.eta_secs,
+        })
+        .collect()
 }
 
 pub fn print_rows(rows: &[MirrorRow]) {
@@ -143,12 +117,10 @@ pub fn print_rows(rows: &[MirrorRow]) {
 
 fn volume_rows(connection: &Connection, volume: &str) -> anyhow::Result<Vec<MirrorRow>> {
     let status = connection.status()?;
-    let map = status
-        .volumes
-        .iter()
-        .find(|v| v.name == volume)
-        .with_context(|| format!("no volume {volume:?}"))?;
-    Ok(rows(&status, map))
+    if !status.volumes.iter().any(|v| v.name == volume) {
+        bail!("no volume {volume:?}");
+    }
+    Ok(rows(&connection.mirror_status()?, volume))
 }
 
 pub fn run(connection: &Connection, command: MirrorCommand) -> anyhow::Result<()> {

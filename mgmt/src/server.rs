@@ -253,6 +253,11 @@ impl Manager {
                     name: volume,
                 }),
             MgmtRequest::Status => Ok(MgmtReply::Status(self.status())),
+            MgmtRequest::MirrorStatus => {
+                let status = self.status();
+                let mirrors = crate::monitor::mirror_status(&status.volumes, &status.mirrors);
+                Ok(MgmtReply::MirrorStatus(mirrors))
+            }
             MgmtRequest::Admin(command) => {
                 info!(%peer, ?command, "admin command");
                 self.execute(admin_command(command))

@@ -24,8 +24,8 @@ pub use header::{
 };
 pub use mgmt::{
     AdminCommand, ClusterStatus, MAX_CHECKSUM_REGIONS, MAX_FRAME_LEN, MgmtReply, MgmtRequest,
-    MirrorReport, MirrorState, Partition, Refusal, Replica, ResyncProgress, Role, ServerStatus,
-    VolumeMap, decode_frame, decode_frame_body, encode_frame, frame_len, region_runs,
+    MirrorReport, MirrorState, MirrorStatus, Partition, Refusal, Replica, ResyncProgress, Role,
+    ServerStatus, VolumeMap, decode_frame, decode_frame_body, encode_frame, frame_len, region_runs,
 };
 
 #[cfg(test)]

@@ -243,6 +243,27 @@ pub struct ClusterStatus {
     pub mirrors: Vec<MirrorReport>,
 }
 
+/// One mirror of one partition as the management server's monitor sees it:
+/// its state, what may differ from the primary, and resync progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorStatus {
+    pub volume: String,
+    pub first_page: u64,
+    pub end_page: u64,
+    pub primary: String,
+    pub mirror: String,
+    pub state: MirrorState,
+    /// Regions (and bytes) the mirror may lack, per the primary's bitmask;
+    /// zero for a mirror in sync.
+    pub differing_regions: u64,
+    pub differing_bytes: u64,
+    pub resync_total_regions: u64,
+    pub resync_copied_regions: u64,
+    pub resync_bytes_per_sec: u64,
+    /// Seconds until a resync finishes at its current rate.
+    pub eta_secs: Option<u64>,
+}
+
 /// A request to a management server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MgmtRequest {
@@ -319,6 +340,9 @@ pub enum MgmtRequest {
         length: u64,
         region_size: u32,
     },
+    /// Every mirror of every partition as the management server's monitor
+    /// judges it (`MirrorStatus`).
+    MirrorStatus,
 }
 
 /// The most regions one `RegionChecksums` request covers.
@@ -355,6 +379,7 @@ impl MgmtRequest {
             MgmtRequest::DirtyRegions { .. } => "dirty-regions",
             MgmtRequest::Clean { .. } => "clean",
             MgmtRequest::RegionChecksums { .. } => "region-checksums",
+            MgmtRequest::MirrorStatus => "mirror-status",
         }
     }
 
@@ -372,7 +397,9 @@ impl MgmtRequest {
             MgmtRequest::RegionChecksums { .. } => role == Role::Admin,
             MgmtRequest::GetMap { .. } => true,
             MgmtRequest::Admin(_) => role == Role::Admin,
-            MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
+            MgmtRequest::Status | MgmtRequest::MirrorStatus => {
+                matches!(role, Role::Admin | Role::Mgmt)
+            }
             MgmtRequest::PushMap { .. }
             | MgmtRequest::CheckMap { .. }
             | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
@@ -439,6 +466,8 @@ pub enum MgmtReply {
     Checksums {
         sums: Vec<u32>,
     },
+    /// Answer to `MirrorStatus`.
+    MirrorStatus(Vec<MirrorStatus>),
 }
 
 /// Encode `message` as one frame.

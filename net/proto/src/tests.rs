@@ -240,6 +240,7 @@ fn all_requests() -> Vec<MgmtRequest> {
             length: 1 << 20,
             region_size: 65536,
         },
+        MgmtRequest::MirrorStatus,
     ]
 }
 
@@ -320,6 +321,20 @@ fn all_replies() -> Vec<MgmtReply> {
         MgmtReply::Checksums {
             sums: vec![1, 2, 3],
         },
+        MgmtReply::MirrorStatus(vec![MirrorStatus {
+            volume: s("v"),
+            first_page: 0,
+            end_page: 8,
+            primary: s("s1"),
+            mirror: s("s2"),
+            state: MirrorState::Resyncing,
+            differing_regions: 3,
+            differing_bytes: 3 << 16,
+            resync_total_regions: 3,
+            resync_copied_regions: 1,
+            resync_bytes_per_sec: 1 << 16,
+            eta_secs: Some(2),
+        }]),
     ]
 }
 
@@ -361,7 +376,9 @@ fn role_policy() {
                 | MgmtRequest::Clean { .. } => role == Role::Storage,
                 MgmtRequest::RegionChecksums { .. } => role == Role::Admin,
                 MgmtRequest::Admin(_) => role == Role::Admin,
-                MgmtRequest::Status => matches!(role, Role::Admin | Role::Mgmt),
+                MgmtRequest::Status | MgmtRequest::MirrorStatus => {
+                    matches!(role, Role::Admin | Role::Mgmt)
+                }
                 MgmtRequest::PushMap { .. }
                 | MgmtRequest::CheckMap { .. }
                 | MgmtRequest::DropVolume { .. } => role == Role::Mgmt,
