@@ -15,12 +15,7 @@ use crate::store::Store;
 /// Whether `region` may be cleared for `peer`: quiet since `stamp`, and not
 /// owed a copy.
 fn clearable(repl: &Replication, volume: VolumeId, peer: &str, region: u64, stamp: u64) -> bool {
-    repl.quiet(volume, region) == Some(stamp)
-        && !repl
-            .must_copy
-            .borrow()
-            .get(&(volume, peer.to_string()))
-            .is_some_and(|s| s.contains(&region))
+    repl.quiet(volume, region) == Some(stamp) && !repl.state(|s| s.owes(volume, peer, region))
 }
 
 /// One cleaning pass: flush here and on the mirrors, then clear the bits of

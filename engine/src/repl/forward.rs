@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use tracing::{debug, warn};
 
 use super::Replication;
+use super::state::ReplState;
 use crate::store::{Refusal, Refused};
 
 /// A mirror this server failed to forward to, and the outcome of reporting it.
@@ -101,9 +102,7 @@ impl Replication {
     }
 
     fn next_request_id(&self) -> u64 {
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        id
+        self.state(ReplState::next_request_id)
     }
 
     /// Send a replica request to `target`, waiting at most the forward

@@ -22,31 +22,30 @@ mod peer;
 mod regions;
 mod resync;
 mod runs;
+mod state;
 mod write;
 
 pub use peer::handle_peer_request;
 pub use write::{mirror_write, primary_flush, primary_write};
 
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::rc::Rc;
 use std::time::Duration;
 
-use cleaner::clean;
-use forward::Failures;
-use regions::{RegionLock, RegionUse};
-use resync::{Resync, schedule};
-use tessera_net::proto::{
-    MirrorReport, MirrorState, Partition, ResyncProgress, Role, VolumeId, VolumeMap,
-};
+use tessera_net::proto::{MirrorReport, Partition, ResyncProgress, Role, VolumeId, VolumeMap};
 use tessera_net::quic::{Alpn, Connector, Endpoint};
 use tracing::info;
 
 use crate::disk::io::BlockDevice;
-use crate::store::Store;
-use crate::store::Volume;
+use crate::store::{Store, Volume};
+use cleaner::clean;
+use forward::Failures;
+use regions::RegionLock;
+use resync::{Resync, schedule};
+use state::ReplState;
 
 /// Replication settings (from the storage config).
 #[derive(Debug, Clone)]
@@ -60,7 +59,6 @@ pub struct ReplicationSettings {
     pub mgmt: Option<(SocketAddr, String)>,
 }
 
-pub(super) type PeerKey = (VolumeId, String);
 /// A mirror of one partition: volume, mirror, the partition's first page.
 pub(super) type MirrorKey = (VolumeId, String, u64);
 /// Replication state of one storage server.
@@ -72,27 +70,13 @@ pub struct Replication {
     data: Connector,
     peers: Connector,
     mgmt: Connector,
-    regions: RefCell<HashMap<(VolumeId, u64), RegionUse>>,
-    next_generation: Cell<u64>,
-    /// Cleaning passes and resync batches between their snapshot and their
-    /// clear: while any runs, finished writes keep their stamps.
-    watchers: Cell<u32>,
-    /// Cleaning passes so far; a region written `hold_passes` passes ago is cold.
-    passes: Cell<u64>,
+    /// The plain state, changed only through `Replication::state`.
+    state: RefCell<ReplState>,
+    /// What tasks wait on: region locks (writes shared, resync copies
+    /// exclusive), reports of failed mirrors, running resyncs.
     locks: RefCell<HashMap<(VolumeId, u64), RegionLock>>,
     failures: RefCell<Failures>,
-    /// Partitions newly led whose in-sync mirrors must be asked for their
-    /// bits (a write may have reached a mirror but not this server).
-    probe: RefCell<HashSet<MirrorKey>>,
-    /// Regions the primary must copy to a peer before their bits may clear.
-    must_copy: RefCell<HashMap<PeerKey, BTreeSet<u64>>>,
-    /// Volumes whose map this process has applied at least once.
-    seen: RefCell<HashSet<VolumeId>>,
-    /// Partitions this server leads, as of the last map applied.
-    leading: RefCell<HashSet<(VolumeId, u64)>>,
     resyncs: RefCell<HashMap<MirrorKey, Rc<Resync>>>,
-    resynced_bytes: Cell<u64>,
-    next_id: Cell<u64>,
 }
 
 impl Replication {
@@ -102,26 +86,21 @@ impl Replication {
         endpoint: &Endpoint,
         settings: ReplicationSettings,
     ) -> Self {
+        // Cleaning passes a region must go without writes before its bits clear.
+        let interval = settings.clean_interval.as_millis().max(1);
+        let hold_passes =
+            u64::try_from(settings.clean_after.as_millis().div_ceil(interval)).unwrap_or(u64::MAX);
         Replication {
             me,
             region_size: u64::from(region_size),
             settings,
+            state: RefCell::new(ReplState::new(hold_passes)),
             data: Connector::new(endpoint.clone(), Alpn::Data, Role::Storage),
             peers: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Storage),
             mgmt: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Mgmt),
-            regions: RefCell::default(),
-            next_generation: Cell::new(1),
-            watchers: Cell::new(0),
-            passes: Cell::new(0),
             locks: RefCell::default(),
             failures: RefCell::default(),
-            probe: RefCell::default(),
-            must_copy: RefCell::default(),
-            leading: RefCell::default(),
-            seen: RefCell::default(),
             resyncs: RefCell::default(),
-            resynced_bytes: Cell::new(0),
-            next_id: Cell::new(1),
         }
     }
 
@@ -151,11 +130,7 @@ impl Replication {
 
     /// Record that `peer` must get `regions` copied before their bits clear.
     fn owe(&self, volume: VolumeId, peer: &str, regions: impl IntoIterator<Item = u64>) {
-        self.must_copy
-            .borrow_mut()
-            .entry((volume, peer.to_string()))
-            .or_default()
-            .extend(regions);
+        self.state(|s| s.owe(volume, peer, regions));
     }
 
     /// A map for `volume` was applied. Failures recorded under the old one
@@ -171,37 +146,10 @@ impl Replication {
         let Some(map) = held.map() else {
             return;
         };
-        // Debts to servers that are no longer replicas of the volume are void.
-        let replicas: HashSet<&str> = map
-            .partitions
-            .iter()
-            .flat_map(|p| p.replicas.iter().map(|r| r.server.as_str()))
-            .collect();
-        self.must_copy
-            .borrow_mut()
-            .retain(|(v, peer), _| *v != volume || replicas.contains(peer.as_str()));
-        let mut leading = self.leading.borrow_mut();
-        let before: HashSet<u64> = leading
-            .iter()
-            .filter(|(v, _)| *v == volume)
-            .map(|(_, p)| *p)
-            .collect();
-        // A volume new to this server, first seen now: nothing was written.
-        let first_map = self.seen.borrow_mut().insert(volume);
-        let fresh = first_map && held.assigned_here();
-        leading.retain(|(v, _)| *v != volume);
-        for p in map.partitions.iter().filter(|p| self.leads(p)) {
-            leading.insert((volume, p.first_page));
-            if before.contains(&p.first_page) || fresh {
-                continue;
-            }
+        let newly_led = self.state(|s| s.map_applied(&map, &self.me, held.assigned_here()));
+        for p in newly_led.into_iter().filter_map(|i| map.partitions.get(i)) {
             let range = self.partition_regions(&map, p);
             for peer in p.replicas.iter().skip(1) {
-                if peer.state == MirrorState::InSync {
-                    self.probe
-                        .borrow_mut()
-                        .insert((volume, peer.server.clone(), p.first_page));
-                }
                 let ours: Vec<u64> = store
                     .dirty_regions(volume, &peer.server)
                     .into_iter()
@@ -262,7 +210,7 @@ impl Replication {
     }
 
     pub fn resynced_bytes(&self) -> u64 {
-        self.resynced_bytes.get()
+        self.state(|s| s.resynced_bytes())
     }
 }
 

@@ -8,15 +8,7 @@ use tessera_net::proto::VolumeId;
 use tokio::sync::RwLock;
 
 use super::Replication;
-
-/// What a region has in flight: writers now, a stamp of the last write, and
-/// the cleaning pass during which that write began.
-#[derive(Debug, Default, Clone, Copy)]
-pub(super) struct RegionUse {
-    writers: u32,
-    generation: u64,
-    pass: u64,
-}
+use super::state::ReplState;
 
 /// Client writes hold a region's lock shared; a resync copy holds it exclusively.
 pub(super) type RegionLock = Rc<RwLock<()>>;
@@ -30,17 +22,8 @@ pub(super) struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        let repl = self.replication;
-        let mut map = repl.regions.borrow_mut();
-        for r in self.regions.clone() {
-            let key = (self.volume, r);
-            if let Some(u) = map.get_mut(&key) {
-                u.writers = u.writers.saturating_sub(1);
-                if repl.forgettable(u) {
-                    map.remove(&key);
-                }
-            }
-        }
+        let (volume, regions) = (self.volume, self.regions.clone());
+        self.replication.state(|s| s.write_ended(volume, regions));
     }
 }
 
@@ -49,28 +32,13 @@ pub(super) struct Watch<'a>(&'a Replication);
 
 impl Drop for Watch<'_> {
     fn drop(&mut self) {
-        let repl = self.0;
-        repl.watchers.set(repl.watchers.get().saturating_sub(1));
-        // Entries wait for the last watcher; sweeping before then finds nothing.
-        if repl.watchers.get() == 0 {
-            repl.regions
-                .borrow_mut()
-                .retain(|_, u| !repl.forgettable(u));
-        }
+        self.0.state(ReplState::unwatch);
     }
 }
 
 impl Replication {
     pub(super) fn begin(&self, volume: VolumeId, regions: Range<u64>) -> InFlight<'_> {
-        let generation = self.next_generation.get();
-        self.next_generation.set(generation + 1);
-        let mut map = self.regions.borrow_mut();
-        for r in regions.clone() {
-            let u = map.entry((volume, r)).or_default();
-            u.writers += 1;
-            u.generation = generation;
-            u.pass = self.passes.get();
-        }
+        self.state(|s| s.write_began(volume, regions.clone()));
         InFlight {
             replication: self,
             volume,
@@ -79,51 +47,31 @@ impl Replication {
     }
 
     /// Cleaning passes a region must go without writes before its bits clear.
+    #[cfg(test)]
     fn hold_passes(&self) -> u64 {
-        let interval = self.settings.clean_interval.as_millis().max(1);
-        u64::try_from(self.settings.clean_after.as_millis().div_ceil(interval)).unwrap_or(u64::MAX)
-    }
-
-    /// Whether no write has begun on `u`'s region for `hold_passes` passes.
-    fn cold(&self, u: &RegionUse) -> bool {
-        u.writers == 0 && self.passes.get().saturating_sub(u.pass) >= self.hold_passes()
+        self.state(|s| s.hold_passes())
     }
 
     /// Whether no write has begun on `region` for `hold_passes` passes.
     pub(super) fn region_cold(&self, volume: VolumeId, region: u64) -> bool {
-        self.regions
-            .borrow()
-            .get(&(volume, region))
-            .is_none_or(|u| self.cold(u))
-    }
-
-    /// Whether `u`'s entry can go: it is cold, and no snapshot needs its stamp.
-    fn forgettable(&self, u: &RegionUse) -> bool {
-        self.watchers.get() == 0 && self.cold(u)
+        self.state(|s| s.region_cold(volume, region))
     }
 
     /// Start a cleaning pass: regions age by one pass, and entries no
     /// longer needed go.
     pub(super) fn next_pass(&self) {
-        self.passes.set(self.passes.get() + 1);
-        self.regions
-            .borrow_mut()
-            .retain(|_, u| !self.forgettable(u));
+        self.state(ReplState::next_pass);
     }
 
     pub(super) fn watch(&self) -> Watch<'_> {
-        self.watchers.set(self.watchers.get() + 1);
+        self.state(ReplState::watch);
         Watch(self)
     }
 
     /// The last write stamp of a region, if no write is in flight on it
     /// (0 if none was stamped; stamps are kept while a `Watch` is held).
     pub(super) fn quiet(&self, volume: VolumeId, region: u64) -> Option<u64> {
-        match self.regions.borrow().get(&(volume, region)) {
-            Some(u) if u.writers > 0 => None,
-            Some(u) => Some(u.generation),
-            None => Some(0),
-        }
+        self.state(|s| s.quiet(volume, region))
     }
 
     fn lock(&self, volume: VolumeId, region: u64) -> RegionLock {
@@ -226,8 +174,9 @@ mod tests {
                 repl.next_pass();
             }
             assert!(repl.region_cold(v, 7), "quiet for three passes");
-            assert!(
-                repl.regions.borrow().is_empty(),
+            assert_eq!(
+                repl.state(|s| s.tracked_regions()),
+                0,
                 "the cold entry is forgotten"
             );
             // A snapshot in progress keeps the stamp of a finished write.
@@ -241,12 +190,12 @@ mod tests {
             assert!(repl.region_cold(v, 8));
             assert_eq!(repl.quiet(v, 8), stamp, "kept while watched");
             drop(watch);
-            assert!(repl.regions.borrow().is_empty());
+            assert_eq!(repl.state(|s| s.tracked_regions()), 0);
             // With no hold, a region is cold as soon as its write ends.
             let eager = replication(Duration::from_secs(1), Duration::ZERO);
             drop(eager.begin(v, 1..2));
             assert!(eager.region_cold(v, 1));
-            assert!(eager.regions.borrow().is_empty());
+            assert_eq!(eager.state(|s| s.tracked_regions()), 0);
         });
     }
 }

@@ -1,7 +1,6 @@
 //! Resync: copying to a mirror the regions it may lack, at a limited rate.
 
 use std::cell::Cell;
-use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -39,12 +38,9 @@ pub(super) fn schedule<D: BlockDevice + 'static>(store: &Rc<Store<D>>, repl: &Rc
     for (volume, p, range) in repl.led(store) {
         for peer in p.replicas.iter().skip(1) {
             let key = (volume.id, peer.server.clone(), p.first_page);
-            let pending = repl
-                .must_copy
-                .borrow()
-                .get(&(volume.id, peer.server.clone()))
-                .is_some_and(|s| s.range(range.clone()).next().is_some())
-                || repl.probe.borrow().contains(&key);
+            let pending = repl.state(|s| {
+                s.owes_any_in(volume.id, &peer.server, range.clone()) || s.probing(&key)
+            });
             let due = peer.state == MirrorState::Resyncing
                 || (peer.state == MirrorState::InSync && pending);
             if due && !repl.resyncs.borrow().contains_key(&key) {
@@ -108,13 +104,8 @@ async fn resync_partition<D: BlockDevice>(
     };
     let resyncing = peer.state == MirrorState::Resyncing;
     let range = repl.partition_regions(&map, &partition);
-    let mut todo: Vec<Range<u64>> = repl
-        .must_copy
-        .borrow()
-        .get(&(volume_id, peer_name.to_string()))
-        .map(|s| runs_of(s.range(range.clone()).copied()))
-        .unwrap_or_default();
-    let probing = repl.probe.borrow().contains(key);
+    let mut todo = runs_of(repl.state(|s| s.owed_in(volume_id, peer_name, range.clone())));
+    let probing = repl.state(|s| s.probing(key));
     if resyncing || probing {
         // Ours for the mirror (while it was away), and the mirror's for us
         // or for itself (writes that reached it only; what a wiped disk lacks).
@@ -147,7 +138,7 @@ async fn resync_partition<D: BlockDevice>(
                         Cover::Touching,
                     ));
                 }
-                repl.probe.borrow_mut().remove(key);
+                repl.state(|s| s.probed(key));
             }
             other => {
                 debug!(
@@ -183,7 +174,7 @@ async fn resync_partition<D: BlockDevice>(
             match copy_region(store, repl, volume_id, first_page, peer_name, region).await {
                 Ok((bytes, stamp)) => {
                     copied_bytes += bytes;
-                    repl.resynced_bytes.set(repl.resynced_bytes.get() + bytes);
+                    repl.state(|s| s.resynced(bytes));
                     progress.copied.set(progress.copied.get() + 1);
                     copied.push((region, stamp));
                 }
@@ -317,15 +308,7 @@ async fn finish_batch<D: BlockDevice>(
         .filter(|(r, stamp)| repl.quiet(volume_id, *r) == Some(*stamp))
         .map(|(r, _)| r)
         .collect();
-    if let Some(owed) = repl
-        .must_copy
-        .borrow_mut()
-        .get_mut(&(volume_id, peer_name.to_string()))
-    {
-        for r in &clean {
-            owed.remove(r);
-        }
-    }
+    repl.state(|s| s.paid(volume_id, peer_name, &clean));
     if let Err(e) = store.clear_dirty(volume_id, peer_name, &clean).await {
         warn!(error = %e, "cannot clear bits after resync");
         return false;

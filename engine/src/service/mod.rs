@@ -9,8 +9,6 @@ pub mod report;
 use std::io::Write;
 use std::rc::Rc;
 
-use data::serve_data_stream;
-use mgmt::serve_mgmt_request;
 use tessera_net::proto::BLOCK_SIZE;
 use tessera_net::quic::{Alpn, Endpoint, PeerConnection, TlsIdentity, serve_mgmt_stream};
 use tracing::{debug, info};
@@ -22,6 +20,8 @@ use crate::repl::{self, Replication};
 use crate::service::metrics::Metrics;
 use crate::store::Store;
 use crate::store::open::{FormatPolicy, open_store};
+use data::serve_data_stream;
+use mgmt::serve_mgmt_request;
 
 /// The storage service: the store, and a signal to the report loop that a
 /// client knows a newer epoch than this server (so its map is out of date).
