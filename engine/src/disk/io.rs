@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use tokio_uring::buf::BoundedBuf;
 
 use crate::disk::aligned::{AlignedBuf, FillError};
-use crate::error::EngineError;
 
 /// Block I/O on one file or device. Methods take and give back owned
 /// buffers, as io_uring needs the memory to stay put until completion.
@@ -299,27 +298,4 @@ impl BlockDevice for AnyDevice {
             AnyDevice::Std(d) => d.sync_data().await,
         }
     }
-}
-
-pub fn open_device(path: &Path, engine: IoEngine) -> Result<AnyDevice, EngineError> {
-    let result = match engine {
-        IoEngine::Uring => UringDevice::open(path).map(AnyDevice::Uring),
-        IoEngine::Std => StdDevice::open(path).map(AnyDevice::Std),
-    };
-    result.map_err(|source| {
-        if source.raw_os_error() == Some(libc::EINVAL) && engine == IoEngine::Uring {
-            EngineError::Config {
-                reason: format!(
-                    "{}: O_DIRECT is not supported on this filesystem (tmpfs?); put the data on a disk or set io_engine = \"std\"",
-                    path.display()
-                ),
-            }
-        } else {
-            EngineError::Io {
-                op: "open",
-                path: path.to_path_buf(),
-                source,
-            }
-        }
-    })
 }

@@ -180,7 +180,7 @@ async fn apply_local<D: BlockDevice>(
     }
 }
 
-fn io_refusal(volume: &Volume, e: &crate::EngineError) -> Refusal {
+fn io_refusal(volume: &Volume, e: &crate::error::EngineError) -> Refusal {
     warn!(volume = %volume.id, error = %e, "replication I/O failed");
     Refusal::new(
         volume.epoch(),

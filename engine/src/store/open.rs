@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::StorageConfig;
 use crate::disk::format::{Geometry, Superblock, SuperblockFault};
-use crate::disk::io::{AnyDevice, open_device};
+use crate::disk::io::{AnyDevice, IoEngine, StdDevice, UringDevice};
 use crate::error::EngineError;
 use crate::store::{self, Store};
 
@@ -265,4 +265,29 @@ fn note_format_wins(config: &StorageConfig, path: &Path, formatted: &Geometry) {
             config.size
         );
     }
+}
+
+/// Open the device at `path` with `engine`; O_DIRECT refused by the
+/// filesystem is a config error that says what to do.
+fn open_device(path: &Path, engine: IoEngine) -> Result<AnyDevice, EngineError> {
+    let result = match engine {
+        IoEngine::Uring => UringDevice::open(path).map(AnyDevice::Uring),
+        IoEngine::Std => StdDevice::open(path).map(AnyDevice::Std),
+    };
+    result.map_err(|source| {
+        if source.raw_os_error() == Some(libc::EINVAL) && engine == IoEngine::Uring {
+            EngineError::Config {
+                reason: format!(
+                    "{}: O_DIRECT is not supported on this filesystem (tmpfs?); put the data on a disk or set io_engine = \"std\"",
+                    path.display()
+                ),
+            }
+        } else {
+            EngineError::Io {
+                op: "open",
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
 }
