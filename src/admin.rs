@@ -373,7 +373,11 @@ fn print_servers(status: &ClusterStatus) {
 
 pub fn status(connection: &Connection) -> anyhow::Result<()> {
     let status = connection.status()?;
-    let monitored = connection.mirror_status()?;
+    // The table shows the monitor's judgement too; the JSON is the map alone.
+    let monitored = match connection.json {
+        true => Vec::new(),
+        false => connection.mirror_status()?,
+    };
     connection.print(&status, || {
         println!("cluster epoch {}", status.epoch.0);
         println!();

@@ -1,7 +1,7 @@
 //! The monitor: each mirror's state joined with its primary's latest
 //! bitmask report, giving what may differ and how far a resync has come.
-//! Pure, so `tessera status`, `tessera mirror status` and the metrics all
-//! show the same judgement, made here once.
+//! Pure, and made here once: `tessera status` and `tessera mirror status`
+//! render it (and the management server's metrics will, with issue 19).
 
 use tessera_proto::{MirrorReport, MirrorState, MirrorStatus, VolumeMap};
 

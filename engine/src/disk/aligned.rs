@@ -179,7 +179,8 @@ impl AlignedBuf {
 
     /// Fill `range` with `fill` (a read of exactly that many bytes), which
     /// must start inside or right after the bytes filled so far. They
-    /// become readable only if `fill` succeeds. `fill` is handed memory that
+    /// become readable only if `fill` succeeds; if it fails, the buffer
+    /// reads only what came before `range`. `fill` is handed memory that
     /// may hold an earlier buffer's bytes: it only writes to it.
     pub fn fill_with<E>(
         &mut self,
@@ -199,9 +200,18 @@ impl AlignedBuf {
         let dst = unsafe {
             std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(range.start), range.len())
         };
-        fill(dst).map_err(FillError::Fill)?;
-        self.init = self.init.max(range.end);
-        Ok(())
+        match fill(dst) {
+            Ok(()) => {
+                self.init = self.init.max(range.end);
+                Ok(())
+            }
+            Err(e) => {
+                // The fill may have written part of the range: none of it,
+                // nor what it overlapped, stays readable.
+                self.init = self.init.min(range.start);
+                Err(FillError::Fill(e))
+            }
+        }
     }
 }
 
@@ -365,6 +375,17 @@ mod tests {
         .expect("fill");
         assert!(buf.is_full());
         assert!(buf[..4096].iter().all(|b| *b == 2) && buf[4096..].iter().all(|b| *b == 3));
+        let mut torn = AlignedBuf::zeroed(8192);
+        let failed = torn.fill_with(2048..8192, |dst| {
+            dst[0] = 7;
+            Err("short read")
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            torn.len(),
+            2048,
+            "what the failed fill overlapped is unreadable"
+        );
         let over = buf.extend_from_slice(&[0]);
         assert_eq!(
             over,

@@ -90,6 +90,10 @@ impl BlockDevice for UringDevice {
         if range.start > range.end || range.start > buf.len() || range.end > buf.capacity() {
             return (Err(range_error()), buf);
         }
+        // Nothing to read (and `slice` takes no empty range at the end).
+        if range.is_empty() {
+            return (Ok(()), buf);
+        }
         let (result, slice) = self.file.read_exact_at(buf.slice(range), pos).await;
         (result, slice.into_inner())
     }
@@ -102,6 +106,9 @@ impl BlockDevice for UringDevice {
     ) -> (io::Result<()>, AlignedBuf) {
         if range.start > range.end || range.end > buf.len() {
             return (Err(range_error()), buf);
+        }
+        if range.is_empty() {
+            return (Ok(()), buf);
         }
         let (result, slice) = self.file.write_all_at(buf.slice(range), pos).await;
         (result, slice.into_inner())

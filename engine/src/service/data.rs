@@ -222,8 +222,6 @@ async fn execute(
     Ok((epoch, pieces))
 }
 
-/// A request's stream holds exactly `payload_len` bytes after the header
-/// and then ends; `Err` says how it did not.
 /// Fill `buf` from `recv`, chunk by chunk (no chunk is longer than the room left).
 async fn receive(recv: &mut RecvStream, buf: &mut AlignedBuf) -> Result<(), String> {
     while !buf.is_full() {
@@ -241,6 +239,8 @@ async fn receive(recv: &mut RecvStream, buf: &mut AlignedBuf) -> Result<(), Stri
     Ok(())
 }
 
+/// A request's stream holds exactly `payload_len` bytes after the header
+/// and then ends; `Err` says how it did not.
 async fn stream_ends(recv: &mut RecvStream, request: &Request) -> Result<(), Refused> {
     match tokio::time::timeout(STREAM_TIMEOUT, recv.read_chunk(1, true)).await {
         Ok(Ok(None)) => Ok(()),
