@@ -134,6 +134,10 @@ pub enum EngineError {
     /// The transport failed.
     #[error(transparent)]
     Net(#[from] QuicError),
+    /// The management server did not answer a call in time: its process may
+    /// be gone without closing the connection.
+    #[error("the management server did not answer within {after:?}")]
+    MgmtSilent { after: std::time::Duration },
 }
 
 impl EngineError {

@@ -145,6 +145,9 @@ pub async fn run(
     }
     info!("shutting down");
     endpoint.close();
+    // Let CONNECTION_CLOSE reach the storage servers, so they reconnect to
+    // the next process at once instead of waiting on a dead connection.
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     Ok(())
 }
 

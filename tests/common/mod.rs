@@ -166,6 +166,13 @@ impl MgmtProc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM and wait for it to exit.
+    pub fn stop(&mut self) {
+        // SAFETY: plain syscall with our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -9,6 +9,7 @@ use tessera_net::proto::{Epoch, MgmtReply, MgmtRequest, Role};
 use tessera_net::quic::{Alpn, ConnectError, Endpoint, PeerConnection, QuicError};
 use tracing::{debug, info, warn};
 
+use crate::error::EngineError;
 use crate::service::Service;
 
 /// Where the management server is and how often to report.
@@ -34,6 +35,8 @@ pub async fn report_loop(service: Rc<Service>, endpoint: Endpoint, target: Repor
                 if let Err(e) = session(&service, &conn, &target).await {
                     warn!(mgmt = %target.addr, error = %e, "lost the management server");
                 }
+                // A silent connection may still look open: the next session dials afresh.
+                conn.close();
             }
             Err(QuicError::Connect(ConnectError::EndpointStopping)) => return,
             Err(e) => warn!(mgmt = %target.addr, error = %e, "cannot reach the management server"),
@@ -42,20 +45,40 @@ pub async fn report_loop(service: Rc<Service>, endpoint: Endpoint, target: Repor
     }
 }
 
+/// How long one call to the management server may take. A management server
+/// killed without closing its connections leaves calls hanging until QUIC's
+/// idle timeout; a restarted one marks down only servers silent for its
+/// heartbeat timeout (5 s by default), so they must reconnect well before.
+fn call_timeout(interval: Duration) -> Duration {
+    (2 * interval).clamp(Duration::from_secs(1), Duration::from_secs(2))
+}
+
+/// One call, within `call_timeout`.
+async fn call(
+    conn: &PeerConnection,
+    request: &MgmtRequest,
+    interval: Duration,
+) -> Result<MgmtReply, EngineError> {
+    let after = call_timeout(interval);
+    match tokio::time::timeout(after, conn.mgmt(request)).await {
+        Ok(reply) => Ok(reply?),
+        Err(_) => Err(EngineError::MgmtSilent { after }),
+    }
+}
+
 async fn session(
     service: &Service,
     conn: &PeerConnection,
     target: &ReportTarget,
-) -> Result<(), QuicError> {
+) -> Result<(), EngineError> {
     let (_, slots) = service.store.slot_usage();
     let slot_size = u64::from(service.store.superblock().geometry.slot_size);
-    let reply = conn
-        .mgmt(&MgmtRequest::Register {
-            data_addr: target.advertise,
-            capacity: slots * slot_size,
-            incarnation: service.store.superblock().incarnation,
-        })
-        .await?;
+    let register = MgmtRequest::Register {
+        data_addr: target.advertise,
+        capacity: slots * slot_size,
+        incarnation: service.store.superblock().incarnation,
+    };
+    let reply = call(conn, &register, target.interval).await?;
     match reply {
         MgmtReply::Registered { epoch } => info!(mgmt = %target.addr, %epoch, "registered"),
         other => warn!(?other, "registration refused"),
@@ -78,7 +101,7 @@ async fn session(
                 )
             })
             .collect();
-        match conn.mgmt(&MgmtRequest::Heartbeat { held }).await? {
+        match call(conn, &MgmtRequest::Heartbeat { held }, target.interval).await? {
             MgmtReply::Maps { maps, dropped, .. } => {
                 for map in maps {
                     if let MgmtReply::Refused(refusal) = service.store.handle_push(&map).await {
@@ -102,7 +125,7 @@ async fn session(
             mirrors: service.replication.reports(&service.store),
             resynced_bytes: service.replication.resynced_bytes(),
         };
-        if let MgmtReply::Refused(refusal) = conn.mgmt(&report).await? {
+        if let MgmtReply::Refused(refusal) = call(conn, &report, target.interval).await? {
             debug!(%refusal, "mirror report refused");
         }
         tokio::select! {

@@ -1,0 +1,119 @@
+//! Failures handled fast and without false alarms, with real processes: a
+//! management server restarted at once, a storage server restarted after a
+//! few seconds. Each test reproduces a bug of issue 14 first.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tessera_driver::{Client, MgmtServer, Volume};
+use tessera_net::proto::{AdminCommand, ClusterStatus, Epoch, MgmtReply, MirrorState, Role};
+
+/// The management server's default heartbeat timeout: the bugs showed there.
+const HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
+
+async fn mirrored(mgmt: &MgmtProc, cluster: &TestCluster, name: &str, servers: &[&str]) {
+    let reply = admin(mgmt, cluster, create(name, 64, servers.len() as u8, Some(servers))).await;
+    assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
+    let reply = admin(
+        mgmt,
+        cluster,
+        AdminCommand::SetPartition {
+            volume: name.into(),
+            first_page: 0,
+            end_page: 64,
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+        },
+    )
+    .await;
+    assert!(matches!(reply, MgmtReply::Applied { .. }), "{reply:?}");
+}
+
+async fn open(cluster: &TestCluster, mgmt: &MgmtProc, name: &str) -> Volume {
+    let identity = cluster.identity(Role::Client, "app");
+    let servers = [MgmtServer {
+        addr: mgmt.addr,
+        name: "mgmt".into(),
+    }];
+    let client = Client::connect(&servers, &identity).await.unwrap();
+    client.open_volume(name).await.unwrap()
+}
+
+/// Write 4 KiB blocks one after another until `stop`; returns the longest
+/// time one write took (every write must succeed).
+fn writer(volume: Volume, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Duration> {
+    tokio::spawn(async move {
+        let mut longest = Duration::ZERO;
+        let mut block = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            let data = pattern(block, 4096);
+            volume.write_at((block % 4096) * 4096, &data).await.unwrap();
+            longest = longest.max(started.elapsed());
+            block += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        longest
+    })
+}
+
+fn in_sync(status: &ClusterStatus, volume: &str) -> bool {
+    status
+        .volumes
+        .iter()
+        .filter(|v| v.name == volume)
+        .flat_map(|v| &v.partitions)
+        .flat_map(|p| &p.replicas)
+        .all(|r| r.state == MirrorState::InSync)
+}
+
+/// Poll the cluster for `how_long`: every server stays up and the epoch stays
+/// `epoch` (a mark-down or a promotion would bump it).
+async fn assert_calm(mgmt: &MgmtProc, cluster: &TestCluster, epoch: Epoch, how_long: Duration) {
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        let s = status(mgmt, cluster).await;
+        let down: Vec<_> = s.servers.iter().filter(|s| !s.up).map(|s| &s.name).collect();
+        assert!(down.is_empty(), "marked down: {down:?}\n{}", mgmt.log());
+        assert_eq!(s.epoch, epoch, "the map changed\n{}", mgmt.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_management_server_restarted_at_once_marks_no_server_down() {
+    let (cluster, mut mgmt, _servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    mirrored(&mgmt, &cluster, "m", &["s1", "s2"]).await;
+    let settled = wait_status(&mgmt, &cluster, "mirrors in sync", |s| in_sync(s, "m")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(open(&cluster, &mgmt, "m").await, stop.clone());
+    for kill in [true, false] {
+        // SIGKILL sends no CONNECTION_CLOSE; SIGTERM should.
+        match kill {
+            true => mgmt.kill9(),
+            false => mgmt.stop(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        mgmt = MgmtProc::start_at(&cluster, HEARTBEAT_TIMEOUT_MS, mgmt.addr);
+        // Past the heartbeat timeout, which a restarted server grants everyone.
+        assert_calm(
+            &mgmt,
+            &cluster,
+            settled.epoch,
+            Duration::from_millis(HEARTBEAT_TIMEOUT_MS + 3_000),
+        )
+        .await;
+        let s = status(&mgmt, &cluster).await;
+        assert!(
+            s.servers.iter().all(|s| !s.held.is_empty() || s.name == "s3"),
+            "every server holding the volume heartbeated the new process: {s:#?}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    // Reported, not asserted: CI machines are noisy (the target is 1 s).
+    println!("longest write across both restarts: {:?}", writes.await.unwrap());
+}
