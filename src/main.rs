@@ -123,6 +123,13 @@ struct CertIssue {
     days: u32,
 }
 
+/// Colour only on a terminal, and never with `NO_COLOR` set (no-color.org):
+/// logs written to a file or a pipe stay plain text.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -130,6 +137,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

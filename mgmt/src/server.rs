@@ -293,6 +293,9 @@ impl Manager {
         incarnation: u64,
     ) -> Result<MgmtReply, Refusal> {
         lock(&self.last_seen).insert(peer.name.clone(), Instant::now());
+        // A server registers when its process starts (or when it finds this
+        // one new): a connection kept to its address leads to the old process.
+        self.connector.forget(data_addr);
         let unchanged = self.state.servers.get(&peer.name).is_some_and(|s| {
             s.up && s.data_addr == data_addr
                 && s.capacity == capacity
@@ -585,6 +588,9 @@ impl Manager {
             conn.mgmt(&MgmtRequest::CheckMap { map: map.clone() }).await
         })
         .await;
+        if !matches!(reply, Ok(Ok(_))) {
+            self.connector.forget(addr);
+        }
         match reply {
             Ok(Ok(MgmtReply::Applied { .. })) => Ok(()),
             Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {
@@ -661,6 +667,10 @@ impl Manager {
                         conn.mgmt(&request).await.map_err(|e| e.to_string())
                     })
                     .await;
+                    if !matches!(result, Ok(Ok(_))) {
+                        // A dead process's connection would fail the next push too.
+                        connector.forget(addr);
+                    }
                     let acked = match result {
                         Ok(Ok(MgmtReply::Applied { epoch })) => Ok(epoch),
                         Ok(Ok(MgmtReply::Refused(Refusal::WouldLoseData { detail }))) => {

@@ -216,11 +216,35 @@ impl StorageProc {
         size: &str,
         extra: &[&str],
     ) -> Result<Self, String> {
+        Self::try_start_at(cluster, name, size, "127.0.0.1:0".parse().unwrap(), extra)
+    }
+
+    /// Start listening on `listen` (to restart where the cluster knows it).
+    pub fn start_at(
+        cluster: &TestCluster,
+        name: &str,
+        size: &str,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
+        Self::try_start_at(cluster, name, size, listen, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_at(
+        cluster: &TestCluster,
+        name: &str,
+        size: &str,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         cluster.issue(Role::Storage, name);
         let data = cluster.path(&format!("{name}.img"));
         let log = cluster.path(&format!("{name}.log"));
-        let mut args: Vec<std::ffi::OsString> =
-            vec!["storage".into(), "--listen".into(), "127.0.0.1:0".into()];
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "storage".into(),
+            "--listen".into(),
+            listen.to_string().into(),
+        ];
         args.extend([
             "--size".into(),
             size.into(),
