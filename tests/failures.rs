@@ -189,3 +189,40 @@ async fn a_storage_server_restarted_after_a_few_seconds_does_not_flap() {
     stop.store(true, Ordering::Relaxed);
     println!("longest write: {:?}", writes.await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_back_within_seconds_is_used_at_once() {
+    // One replica: nothing fails over, the client waits for the server itself.
+    let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    mirrored(&mgmt, &cluster, "one", &["s1"]).await;
+    let volume = open(&cluster, &mgmt, "one").await;
+    volume.write_at(0, &pattern(1, 4096)).await.unwrap();
+    let addr = mgmt.addr.to_string();
+    let listen = servers[0].addr;
+    for outage in [Duration::from_secs(1), Duration::from_secs(4)] {
+        servers[0].kill9();
+        let down = Instant::now();
+        let write = {
+            let volume = volume.clone();
+            tokio::spawn(async move { volume.write_at(4096, &pattern(2, 4096)).await })
+        };
+        tokio::time::sleep(outage).await;
+        servers[0] = StorageProc::start_at(&cluster, "s1", "256M", listen, &["--mgmt", &addr]);
+        let back = Instant::now();
+        write.await.unwrap().unwrap();
+        let after_return = back.elapsed();
+        println!(
+            "outage {outage:?}: the write took {:?}, {after_return:?} after the server was back",
+            down.elapsed()
+        );
+        // Without the reset it waited out the request timeout (10 s); a
+        // loose bound, well above the noise of a busy machine.
+        assert!(
+            after_return < Duration::from_secs(6),
+            "the write waited {after_return:?} for a server that was back"
+        );
+    }
+    let mut read = vec![0; 4096];
+    volume.read_at(4096, &mut read).await.unwrap();
+    assert_eq!(read, pattern(2, 4096));
+}

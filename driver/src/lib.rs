@@ -28,6 +28,7 @@
 mod error;
 pub mod nbd;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,10 +39,12 @@ pub use error::DriverError;
 use futures_util::future::try_join_all;
 use futures_util::{StreamExt, TryStreamExt};
 use tessera_net::proto::{
-    BLOCK_SIZE, Epoch, EpochVerdict, FLAG_FUA, MgmtReply, MgmtRequest, Opcode, Refusal, Request,
-    Role, Status, VolumeMap,
+    BLOCK_SIZE, Epoch, EpochVerdict, FLAG_FUA, MgmtReply, MgmtRequest, Opcode, Refusal, Replica,
+    Request, Role, Status, VolumeId, VolumeMap,
 };
-use tessera_net::quic::{Alpn, Connector, Endpoint, QuicError, TlsIdentity, TransportTuning};
+use tessera_net::quic::{
+    Alpn, Connector, Endpoint, PeerConnection, QuicError, TlsIdentity, TransportTuning,
+};
 use tracing::{debug, warn};
 
 /// How long a request piece is retried (through map changes, a primary's
@@ -58,8 +61,33 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request unanswered this long makes the driver check for a newer map
 /// (its server may have died and been replaced), and retry if there is one.
 const MAP_CHECK_AFTER: Duration = Duration::from_millis(1000);
+/// A request unanswered this long makes the driver ask its server for its
+/// boot id on a fresh connection, and again at this interval (each probe
+/// waits as long for its answer).
+const PING_AFTER: Duration = Duration::from_millis(250);
 /// Pieces of one call in flight at once (a huge TRIM is many pieces).
 const MAX_PIECES_IN_FLIGHT: usize = 64;
+
+/// The boot id of the server behind `conn` (a PING of volume 0 answers with
+/// it); `None` if the answer carries none.
+async fn ask_boot(conn: &PeerConnection) -> Result<Option<u64>, QuicError> {
+    let ping = Request::new(Opcode::Ping, VolumeId(0), Epoch(0), 0, 0, 0);
+    let mut boot = [0u8; 8];
+    let (reply, _) = conn.data_into(&ping, &[], &mut boot).await?;
+    Ok(
+        (reply.status == Status::Ok && reply.payload_len() == boot.len())
+            .then(|| u64::from_le_bytes(boot)),
+    )
+}
+
+/// Why a request still unanswered is given up.
+enum Stuck {
+    /// The map moved on while it waited: the partition may have a new primary.
+    MapMoved,
+    /// The server answers on a new connection from another process: the
+    /// one the request went to has died.
+    ServerRestarted,
+}
 
 /// A management server: where it listens and the name on its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +102,10 @@ pub struct Client {
     mgmt: Arc<[MgmtServer]>,
     mgmt_conns: Connector,
     data: Connector,
+    endpoint: Endpoint,
+    /// Per storage server: the connection in use and the boot id of the
+    /// process behind it, to tell a restarted server from a slow one.
+    boots: Arc<std::sync::Mutex<HashMap<SocketAddr, (usize, u64)>>>,
 }
 
 impl Client {
@@ -86,10 +118,61 @@ impl Client {
         let client = Client {
             mgmt: mgmt.into(),
             mgmt_conns: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Mgmt),
-            data: Connector::new(endpoint, Alpn::Data, Role::Storage),
+            data: Connector::new(endpoint.clone(), Alpn::Data, Role::Storage),
+            endpoint,
+            boots: Arc::default(),
         };
         client.call_mgmt(&MgmtRequest::Ping).await?;
         Ok(client)
+    }
+
+    /// Learn the boot id of the process behind `conn`, once per connection.
+    async fn learn_boot(&self, conn: &PeerConnection) {
+        let addr = conn.remote_address();
+        if self
+            .lock_boots()
+            .get(&addr)
+            .is_some_and(|(id, _)| *id == conn.id())
+        {
+            return;
+        }
+        // A server that does not answer has other trouble: the request finds it.
+        if let Ok(Some(boot)) = tokio::time::timeout(REQUEST_TIMEOUT, ask_boot(conn))
+            .await
+            .unwrap_or(Ok(None))
+        {
+            self.lock_boots().insert(addr, (conn.id(), boot));
+        }
+    }
+
+    /// Whether the server behind `conn`, still silent, has restarted: on a
+    /// fresh connection it answers with another boot id. A slow server, or
+    /// one not back yet, is not restarted.
+    async fn restarted(&self, conn: &PeerConnection, server: &Replica) -> bool {
+        let Some(old) = self
+            .lock_boots()
+            .get(&server.addr)
+            .filter(|(id, _)| *id == conn.id())
+            .map(|(_, boot)| *boot)
+        else {
+            return false;
+        };
+        let probe = tokio::time::timeout(PING_AFTER, async {
+            let fresh = self
+                .endpoint
+                .connect(server.addr, &server.server, Alpn::Data, Role::Storage)
+                .await?;
+            let boot = ask_boot(&fresh).await;
+            fresh.close();
+            boot
+        })
+        .await;
+        matches!(probe, Ok(Ok(Some(boot))) if boot != old)
+    }
+
+    fn lock_boots(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, (usize, u64)>> {
+        // A panic while holding it cannot leave the table half-changed.
+        self.boots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Open a volume by name.
@@ -393,18 +476,54 @@ impl VolumeInner {
                 request.offset = 0;
                 request.length = 0;
             }
-            let send = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let conn = self.client.data.get(primary.addr, &primary.server).await?;
-                conn.data_into(&request, payload, &mut *out).await
-            });
-            // A dead server does not answer at all: while waiting, look for
-            // a map that has moved on (a failover) and retry there.
-            let moved = async {
-                loop {
-                    tokio::time::sleep(MAP_CHECK_AFTER).await;
+            let connected = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.client.data.get(primary.addr, &primary.server),
+            )
+            .await;
+            let conn = match connected {
+                Ok(Ok(conn)) => {
+                    self.client.learn_boot(&conn).await;
+                    conn
+                }
+                Ok(Err(e)) => {
+                    debug!(volume = %self.name, server = %primary.server, error = %e, "cannot connect");
+                    last = format!("{}: {e}", primary.server);
                     self.refresh(map.epoch).await?;
-                    if EpochVerdict::judge(map.epoch, self.map.load().epoch).is_newer() {
-                        return Ok::<(), DriverError>(());
+                    continue;
+                }
+                Err(_) => {
+                    last = format!(
+                        "{}: no connection within {REQUEST_TIMEOUT:?}",
+                        primary.server
+                    );
+                    self.refresh(map.epoch).await?;
+                    continue;
+                }
+            };
+            let send = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                conn.data_into(&request, payload, &mut *out),
+            );
+            // A dead server does not answer at all: while waiting, look for
+            // a map that has moved on (a failover), and ping the server on
+            // the same connection. A server restarted on its address resets
+            // the connection at the ping (its reset key outlives the
+            // process), so the request is sent again to the new process
+            // instead of waiting out the timeout.
+            let moved = async {
+                let mut map_checked = tokio::time::Instant::now();
+                loop {
+                    tokio::time::sleep(PING_AFTER).await;
+                    if map_checked.elapsed() >= MAP_CHECK_AFTER {
+                        map_checked = tokio::time::Instant::now();
+                        self.refresh(map.epoch).await?;
+                        if EpochVerdict::judge(map.epoch, self.map.load().epoch).is_newer() {
+                            return Ok::<_, DriverError>(Stuck::MapMoved);
+                        }
+                    }
+                    if self.client.restarted(&conn, primary).await {
+                        return Ok(Stuck::ServerRestarted);
                     }
                 }
             };
@@ -418,12 +537,21 @@ impl VolumeInner {
                         ),
                     })
                 }),
-                moved = moved => {
-                    moved?;
-                    debug!(volume = %self.name, server = %primary.server, "no answer, and the map moved on: retrying");
-                    last = format!("{}: no answer before epoch {}", primary.server, map.epoch);
-                    continue;
-                }
+                stuck = moved => match stuck? {
+                    Stuck::MapMoved => {
+                        debug!(volume = %self.name, server = %primary.server, "no answer, and the map moved on: retrying");
+                        last = format!("{}: no answer before epoch {}", primary.server, map.epoch);
+                        continue;
+                    }
+                    Stuck::ServerRestarted => {
+                        // The process the request went to is gone, and its
+                        // requests with it: sending it again cannot land twice.
+                        debug!(volume = %self.name, server = %primary.server, "the server restarted under the request: sending it again");
+                        last = format!("{}: restarted", primary.server);
+                        self.client.data.forget(primary.addr);
+                        continue;
+                    }
+                },
             };
             let (reply, data) = match sent {
                 Ok(answer) => answer,

@@ -128,7 +128,9 @@ async fn execute(
 ) -> Result<(Epoch, Vec<ReadPiece>), Refusal> {
     let store = &service.store;
     if request.opcode == Opcode::Ping && request.volume == VolumeId(0) {
-        return Ok((Epoch(0), Vec::new()));
+        let mut boot = AlignedBuf::zeroed(8);
+        boot.copy_from_slice(&service.boot.to_le_bytes());
+        return Ok((Epoch(0), vec![ReadPiece::Data(boot)]));
     }
     let volume = store
         .lookup(request)

@@ -36,6 +36,9 @@ pub struct Service {
     /// a buffer is allocated, so many headers without payloads cannot
     /// exhaust memory; requests over the budget wait.
     budget: tokio::sync::Semaphore,
+    /// Random per process start: a PING of volume 0 answers with it, so a
+    /// client can tell this process from the one before a restart.
+    boot: u64,
 }
 
 /// Payload memory all requests together may hold.
@@ -48,6 +51,7 @@ impl Service {
             refresh: tokio::sync::Notify::new(),
             metrics: Metrics::default(),
             budget: tokio::sync::Semaphore::new(IO_BUDGET / BLOCK_SIZE as usize),
+            boot: rand::random::<u64>().max(1),
         }
     }
 }

@@ -50,7 +50,11 @@ impl Endpoint {
         } else {
             Some(server_config(identity, tuning, serve)?)
         };
-        let mut endpoint_config = quinn::EndpointConfig::default();
+        let (reset_key, cid_key) = restart_keys(identity);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         endpoint_config
             .max_udp_payload_size(tuning.max_mtu.clamp(1200, super::transport::MAX_MTU))
             .map_err(|e| QuicError::Socket {
@@ -167,6 +171,26 @@ impl Endpoint {
     }
 }
 
+/// The key of stateless resets (RFC 9000, 10.3) and the key that checks
+/// connection ids, derived from the identity's private key so that they stay
+/// the same across restarts. A server restarted on its address then knows
+/// the ids its previous process handed out and resets those connections, so
+/// their peers see them fail at their next packet instead of waiting for an
+/// answer until they time out. Only a holder of the private key can forge a
+/// reset.
+fn restart_keys(identity: &TlsIdentity) -> (ring::hmac::Key, u64) {
+    let secret = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, identity.key.secret_der());
+    let derive = |label: &[u8]| ring::hmac::sign(&secret, label);
+    let reset = derive(b"tessera quic stateless reset v1");
+    let cid = derive(b"tessera quic connection id v1");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    (
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+        u64::from_le_bytes(cid_key),
+    )
+}
+
 /// Warnings any peer can cause at will, limited (`suppressed` counts the
 /// lines held back since the last one).
 static CONNECTIONS_FULL: LogLimit = LogLimit::new(5, Duration::from_secs(10));
@@ -278,6 +302,12 @@ impl PeerConnection {
         self.alpn
     }
 
+    /// Whether the connection has ended (closed by either side, reset by a
+    /// restarted peer, or timed out): no request on it can complete.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
     pub fn remote_address(&self) -> SocketAddr {
         self.conn.remote_address()
     }
@@ -285,10 +315,6 @@ impl PeerConnection {
     /// Stable per-connection id (to tell whether two handles share one connection).
     pub fn id(&self) -> usize {
         self.conn.stable_id()
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
     }
 
     pub fn close(&self) {
