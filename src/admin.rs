@@ -228,7 +228,8 @@ fn print_volume_header() {
     );
 }
 
-fn print_layout(v: &VolumeMap) {
+/// `down`: the servers the management server counts as down.
+fn print_layout(v: &VolumeMap, down: &[String]) {
     println!(
         "volume {} (id {}), {}, pages of {}, epoch {}",
         v.name,
@@ -244,10 +245,15 @@ fn print_layout(v: &VolumeMap) {
             .enumerate()
             .map(|(i, r)| {
                 format!(
-                    "{}{} ({})",
+                    "{}{} ({}{})",
                     r.server,
                     if i == 0 { "*" } else { "" },
-                    crate::mirror_cmd::state_name(r.state)
+                    crate::mirror_cmd::state_name(r.state),
+                    if down.contains(&r.server) {
+                        ", server down"
+                    } else {
+                        ""
+                    }
                 )
             })
             .collect();
@@ -292,7 +298,20 @@ pub fn volume(connection: &Connection, command: VolumeCommand) -> anyhow::Result
         }
         VolumeCommand::Show { name } => {
             match connection.call(MgmtRequest::GetMap { volume: name })? {
-                MgmtReply::Map(map) => connection.print(&map, || print_layout(&map)),
+                MgmtReply::Map(map) => {
+                    // The table says which replicas' servers are down; the JSON is the map alone.
+                    let down: Vec<String> = match connection.json {
+                        true => Vec::new(),
+                        false => connection
+                            .status()?
+                            .servers
+                            .into_iter()
+                            .filter(|s| !s.up)
+                            .map(|s| s.name)
+                            .collect(),
+                    };
+                    connection.print(&map, || print_layout(&map, &down))
+                }
                 other => bail!("unexpected reply {other:?}"),
             }
         }

@@ -47,6 +47,11 @@ pub struct MirrorRow {
     pub resync_copied_regions: u64,
     pub resync_bytes_per_sec: u64,
     pub eta_secs: Option<u64>,
+    pub primary_up: bool,
+    pub mirror_up: bool,
+    /// Milliseconds since the management server last heard from each server.
+    pub primary_heard_ms: Option<u64>,
+    pub mirror_heard_ms: Option<u64>,
 }
 
 /// How a replica's state reads in tables and JSON.
@@ -76,6 +81,10 @@ pub fn rows(mirrors: &[MirrorStatus], volume: &str) -> Vec<MirrorRow> {
             resync_copied_regions: m.resync_copied_regions,
             resync_bytes_per_sec: m.resync_bytes_per_sec,
             eta_secs: m.eta_secs,
+            primary_up: m.primary_up,
+            mirror_up: m.mirror_up,
+            primary_heard_ms: m.primary_heard_ms,
+            mirror_heard_ms: m.mirror_heard_ms,
         })
         .collect()
 }
@@ -86,23 +95,6 @@ pub fn print_rows(rows: &[MirrorRow]) {
         "VOLUME", "PAGES", "PRIMARY", "MIRROR", "STATE"
     );
     for r in rows {
-        let detail = match r.state {
-            "out of sync" => format!(
-                "{} regions ({}) may differ",
-                r.differing_regions,
-                ByteSize(r.differing_bytes)
-            ),
-            "resyncing" if r.resync_total_regions > 0 => format!(
-                "{:.0}% of {} regions, {}/s, ETA {}",
-                100.0 * r.resync_copied_regions as f64 / r.resync_total_regions as f64,
-                r.resync_total_regions,
-                ByteSize(r.resync_bytes_per_sec),
-                r.eta_secs
-                    .map_or_else(|| "-".to_string(), |s| format!("{s} s"))
-            ),
-            "resyncing" => "starting".to_string(),
-            _ => String::new(),
-        };
         println!(
             "{:<16} {:>17} {:<14} {:<14} {:<12} {}",
             r.volume,
@@ -110,8 +102,43 @@ pub fn print_rows(rows: &[MirrorRow]) {
             r.primary,
             r.mirror,
             r.state,
-            detail
+            detail(r)
         );
+    }
+}
+
+/// What a row's state means now: what may differ, how far a resync is,
+/// what it waits for, and which server is down.
+fn detail(r: &MirrorRow) -> String {
+    let state = match r.state {
+        "out of sync" => format!(
+            "{} regions ({}) may differ",
+            r.differing_regions,
+            ByteSize(r.differing_bytes)
+        ),
+        "resyncing" if r.resync_total_regions > 0 => format!(
+            "{:.0}% of {} regions, {}/s, ETA {}",
+            100.0 * r.resync_copied_regions as f64 / r.resync_total_regions as f64,
+            r.resync_total_regions,
+            ByteSize(r.resync_bytes_per_sec),
+            r.eta_secs
+                .map_or_else(|| "-".to_string(), |s| format!("{s} s"))
+        ),
+        "resyncing" => format!(
+            "starting: waiting for {} to report its first copy",
+            r.primary
+        ),
+        _ => String::new(),
+    };
+    let down: Vec<&str> = [(r.primary_up, &r.primary), (r.mirror_up, &r.mirror)]
+        .into_iter()
+        .filter(|(up, _)| !up)
+        .map(|(_, name)| name.as_str())
+        .collect();
+    match (down.is_empty(), state.is_empty()) {
+        (true, _) => state,
+        (false, true) => format!("{} down", down.join(", ")),
+        (false, false) => format!("{state}; {} down", down.join(", ")),
     }
 }
 
@@ -139,8 +166,22 @@ pub fn run(connection: &Connection, command: MirrorCommand) -> anyhow::Result<()
     }
 }
 
+/// Whether `row` is settled: in sync, both servers up, and both heard from
+/// since `waited` began, so a server restarted just before the wait (whose
+/// old process the management server still counts) is not taken for in
+/// sync until its new process has registered and its resync is done.
+fn settled(row: &MirrorRow, waited: Duration) -> bool {
+    let heard = |ms: Option<u64>| ms.is_some_and(|ms| Duration::from_millis(ms) < waited);
+    row.state == "in sync"
+        && row.primary_up
+        && row.mirror_up
+        && heard(row.primary_heard_ms)
+        && heard(row.mirror_heard_ms)
+}
+
 fn wait(connection: &Connection, volume: &str, timeout: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(timeout);
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -150,7 +191,10 @@ fn wait(connection: &Connection, volume: &str, timeout: u64) -> anyhow::Result<(
     );
     loop {
         let rows = volume_rows(connection, volume)?;
-        let pending: Vec<&MirrorRow> = rows.iter().filter(|r| r.state != "in sync").collect();
+        let pending: Vec<&MirrorRow> = rows
+            .iter()
+            .filter(|r| !settled(r, started.elapsed()))
+            .collect();
         if pending.is_empty() {
             bar.finish_and_clear();
             let done = serde_json::json!({ "volume": volume, "in_sync": rows.len() });
@@ -169,13 +213,15 @@ fn wait(connection: &Connection, volume: &str, timeout: u64) -> anyhow::Result<(
         let total: u64 = pending.iter().map(|r| r.resync_total_regions).sum();
         let copied: u64 = pending.iter().map(|r| r.resync_copied_regions).sum();
         let rate: u64 = pending.iter().map(|r| r.resync_bytes_per_sec).sum();
-        let waiting = pending.iter().filter(|r| r.state == "out of sync").count();
+        let count = |state: &str| pending.iter().filter(|r| r.state == state).count();
+        let unsure = count("in sync");
         bar.set_length(total);
         bar.set_position(copied);
         bar.set_message(format!(
-            "{}/s, {} resyncing, {waiting} out of sync",
+            "{}/s, {} resyncing, {} out of sync, {unsure} in sync awaiting a heartbeat",
             ByteSize(rate),
-            pending.len() - waiting
+            count("resyncing"),
+            count("out of sync"),
         ));
         bar.tick();
         std::thread::sleep(Duration::from_millis(300));

@@ -226,3 +226,81 @@ async fn a_server_back_within_seconds_is_used_at_once() {
     volume.read_at(4096, &mut read).await.unwrap();
     assert_eq!(read, pattern(2, 4096));
 }
+
+fn admin_cli(cluster: &TestCluster, mgmt: &MgmtProc, args: &[&str]) -> std::process::Output {
+    cluster.issue(Role::Admin, "admin");
+    tessera()
+        .args(args)
+        .arg("--mgmt")
+        .arg(mgmt.addr.to_string())
+        .arg("--cluster-dir")
+        .arg(cluster.dir.path())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_wait_after_a_restart_waits_for_the_new_process() {
+    let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    mirrored(&mgmt, &cluster, "m", &["s1", "s2"]).await;
+    let before = wait_status(&mgmt, &cluster, "mirrors in sync", |s| in_sync(s, "m")).await;
+    // A rolling restart's step, as a script runs it: restart, then wait. No
+    // write fails meanwhile, so only the new process's registration tells.
+    let listen = servers[1].addr;
+    let addr = mgmt.addr.to_string();
+    servers[1].kill9();
+    servers[1] = StorageProc::start_at(&cluster, "s2", "256M", listen, &["--mgmt", &addr]);
+    let out = tokio::task::block_in_place(|| {
+        admin_cli(&cluster, &mgmt, &["mirror", "wait", "m", "--timeout", "60"])
+    });
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its mirror was resynced (writes it acknowledged but had not flushed
+    // may be gone), and the wait saw it through.
+    let settled = status(&mgmt, &cluster).await;
+    assert!(in_sync(&settled, "m"), "{settled:#?}");
+    assert!(
+        settled.epoch > before.epoch,
+        "the wait returned before the restart was noticed: {settled:#?}\n{}",
+        mgmt.log()
+    );
+    assert!(
+        mgmt.log().contains("mirror restarted: resyncing"),
+        "{}",
+        mgmt.log()
+    );
+    assert_calm(&mgmt, &cluster, settled.epoch, Duration::from_secs(2)).await;
+    let text = admin_cli(&cluster, &mgmt, &["volume", "show", "m"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("s2 (in sync)"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_which_replicas_servers_are_down() {
+    let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    mirrored(&mgmt, &cluster, "m", &["s1", "s2"]).await;
+    wait_status(&mgmt, &cluster, "mirrors in sync", |s| in_sync(s, "m")).await;
+    servers[1].kill9();
+    wait_status(&mgmt, &cluster, "s2 down", |s| {
+        s.servers.iter().any(|s| s.name == "s2" && !s.up)
+    })
+    .await;
+    let show = admin_cli(&cluster, &mgmt, &["volume", "show", "m"]);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("s2 (in sync, server down)")
+            || show.contains("s2 (out of sync, server down)"),
+        "{show}"
+    );
+    let rows = admin_cli(&cluster, &mgmt, &["mirror", "status", "m"]);
+    let rows = String::from_utf8_lossy(&rows.stdout);
+    assert!(rows.contains("s2 down"), "{rows}");
+    let json = admin_cli(&cluster, &mgmt, &["mirror", "status", "m", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json[0]["mirror_up"], false, "{json}");
+    assert_eq!(json[0]["primary_up"], true, "{json}");
+}

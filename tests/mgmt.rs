@@ -176,6 +176,7 @@ async fn roles_are_enforced() {
             data_addr: mgmt.addr,
             capacity: 1,
             incarnation: 1,
+            boot: 1,
         },
         MgmtRequest::Heartbeat { held: vec![] },
     ] {

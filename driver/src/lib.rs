@@ -64,7 +64,7 @@ const MAP_CHECK_AFTER: Duration = Duration::from_millis(1000);
 /// A request unanswered this long makes the driver ask its server for its
 /// boot id on a fresh connection, and again at this interval (each probe
 /// waits as long for its answer).
-const PING_AFTER: Duration = Duration::from_millis(250);
+const PING_AFTER: Duration = Duration::from_millis(500);
 /// Pieces of one call in flight at once (a huge TRIM is many pieces).
 const MAX_PIECES_IN_FLIGHT: usize = 64;
 
@@ -106,7 +106,14 @@ pub struct Client {
     /// Per storage server: the connection in use and the boot id of the
     /// process behind it, to tell a restarted server from a slow one.
     boots: Arc<std::sync::Mutex<HashMap<SocketAddr, (usize, u64)>>>,
+    /// Per storage server, the latest probe of its boot id on a fresh
+    /// connection and when it was made: however many requests wait on a
+    /// silent server, it is probed once per `PING_AFTER`.
+    probes: Arc<std::sync::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Probe>>>>>,
 }
+
+/// When a server was last probed, and the boot id it answered with.
+type Probe = Option<(tokio::time::Instant, Option<u64>)>;
 
 impl Client {
     /// Connect with this application's identity (a `client` certificate).
@@ -121,6 +128,7 @@ impl Client {
             data: Connector::new(endpoint.clone(), Alpn::Data, Role::Storage),
             endpoint,
             boots: Arc::default(),
+            probes: Arc::default(),
         };
         client.call_mgmt(&MgmtRequest::Ping).await?;
         Ok(client)
@@ -157,17 +165,33 @@ impl Client {
         else {
             return false;
         };
-        let probe = tokio::time::timeout(PING_AFTER, async {
-            let fresh = self
-                .endpoint
-                .connect(server.addr, &server.server, Alpn::Data, Role::Storage)
-                .await?;
-            let boot = ask_boot(&fresh).await;
-            fresh.close();
-            boot
-        })
-        .await;
-        matches!(probe, Ok(Ok(Some(boot))) if boot != old)
+        let slot = self
+            .probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(server.addr)
+            .or_default()
+            .clone();
+        let mut latest = slot.lock().await;
+        let boot = match *latest {
+            Some((at, boot)) if at.elapsed() < PING_AFTER => boot,
+            _ => {
+                let probe = tokio::time::timeout(PING_AFTER, async {
+                    let fresh = self
+                        .endpoint
+                        .connect(server.addr, &server.server, Alpn::Data, Role::Storage)
+                        .await?;
+                    let boot = ask_boot(&fresh).await;
+                    fresh.close();
+                    boot
+                })
+                .await;
+                let boot = probe.ok().and_then(Result::ok).flatten();
+                *latest = Some((tokio::time::Instant::now(), boot));
+                boot
+            }
+        };
+        boot.is_some_and(|boot| boot != old)
     }
 
     fn lock_boots(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, (usize, u64)>> {

@@ -3,11 +3,29 @@
 //! Pure, and made here once: `tessera status` and `tessera mirror status`
 //! render it (and the management server's metrics will, with issue 19).
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use tessera_proto::{MirrorReport, MirrorState, MirrorStatus, VolumeMap};
 
+/// What the management server knows of a storage server's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Liveness {
+    pub up: bool,
+    /// Since its last request, if any reached this management process.
+    pub heard: Option<Duration>,
+}
+
 /// Every mirror of every partition of `volumes`, judged from `reports`
-/// (the primaries' latest; a report from any other server is ignored).
-pub fn mirror_status(volumes: &[VolumeMap], reports: &[MirrorReport]) -> Vec<MirrorStatus> {
+/// (the primaries' latest; a report from any other server is ignored) and
+/// the servers' `liveness`.
+pub fn mirror_status(
+    volumes: &[VolumeMap],
+    reports: &[MirrorReport],
+    liveness: &HashMap<String, Liveness>,
+) -> Vec<MirrorStatus> {
+    let life = |server: &str| liveness.get(server).copied().unwrap_or_default();
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let mut out = Vec::new();
     for volume in volumes {
         for p in &volume.partitions {
@@ -47,6 +65,10 @@ pub fn mirror_status(volumes: &[VolumeMap], reports: &[MirrorReport]) -> Vec<Mir
                     resync_copied_regions: copied,
                     resync_bytes_per_sec: rate,
                     eta_secs,
+                    primary_up: life(&primary.server).up,
+                    mirror_up: life(&r.server).up,
+                    primary_heard_ms: life(&primary.server).heard.map(ms),
+                    mirror_heard_ms: life(&r.server).heard.map(ms),
                 });
             }
         }
@@ -92,6 +114,14 @@ mod tests {
         }
     }
 
+    fn alive() -> HashMap<String, Liveness> {
+        let up = Liveness {
+            up: true,
+            heard: Some(Duration::from_millis(300)),
+        };
+        [("s1".to_string(), up), ("s2".to_string(), up)].into()
+    }
+
     fn report(reporter: &str, dirty: u64, resync: Option<ResyncProgress>) -> MirrorReport {
         MirrorReport {
             reporter: reporter.into(),
@@ -106,7 +136,11 @@ mod tests {
 
     #[test]
     fn an_out_of_sync_mirror_may_differ_by_its_primarys_bits() {
-        let rows = mirror_status(&[volume(MirrorState::OutOfSync)], &[report("s1", 10, None)]);
+        let rows = mirror_status(
+            &[volume(MirrorState::OutOfSync)],
+            &[report("s1", 10, None)],
+            &alive(),
+        );
         assert_eq!(rows.len(), 1, "only the partition with a mirror");
         let row = &rows[0];
         assert_eq!((row.primary.as_str(), row.mirror.as_str()), ("s1", "s2"));
@@ -119,7 +153,11 @@ mod tests {
 
     #[test]
     fn a_mirror_in_sync_differs_by_nothing_whatever_bits_wait_for_the_cleaner() {
-        let rows = mirror_status(&[volume(MirrorState::InSync)], &[report("s1", 10, None)]);
+        let rows = mirror_status(
+            &[volume(MirrorState::InSync)],
+            &[report("s1", 10, None)],
+            &alive(),
+        );
         assert_eq!((rows[0].differing_regions, rows[0].differing_bytes), (0, 0));
     }
 
@@ -133,6 +171,7 @@ mod tests {
         let rows = mirror_status(
             &[volume(MirrorState::Resyncing)],
             &[report("s1", 60, Some(progress))],
+            &alive(),
         );
         let row = &rows[0];
         assert_eq!(
@@ -148,9 +187,31 @@ mod tests {
     }
 
     #[test]
+    fn each_row_says_whether_its_servers_are_up_and_when_they_were_heard() {
+        let mut liveness = alive();
+        liveness.insert(
+            "s2".into(),
+            Liveness {
+                up: false,
+                heard: Some(Duration::from_secs(7)),
+            },
+        );
+        let rows = mirror_status(&[volume(MirrorState::OutOfSync)], &[], &liveness);
+        assert!(rows[0].primary_up && !rows[0].mirror_up);
+        assert_eq!(rows[0].primary_heard_ms, Some(300));
+        assert_eq!(rows[0].mirror_heard_ms, Some(7000));
+        let unknown = mirror_status(&[volume(MirrorState::InSync)], &[], &HashMap::new());
+        assert!(!unknown[0].mirror_up && unknown[0].mirror_heard_ms.is_none());
+    }
+
+    #[test]
     fn only_the_primarys_report_counts() {
         // A report by the mirror itself (say, from before a failover) is not the primary's view.
-        let rows = mirror_status(&[volume(MirrorState::OutOfSync)], &[report("s2", 10, None)]);
+        let rows = mirror_status(
+            &[volume(MirrorState::OutOfSync)],
+            &[report("s2", 10, None)],
+            &alive(),
+        );
         assert_eq!(rows[0].differing_regions, 0);
         assert_eq!(rows[0].differing_bytes, 0);
     }

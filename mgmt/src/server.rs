@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::db::Db;
 use crate::error::MgmtError;
+use crate::monitor::{Liveness, mirror_status};
 use crate::state::{ClusterState, Command, Outcome, VolumeRecord};
 
 /// Settings of `tessera mgmt`; the file is TOML, command-line flags override it.
@@ -88,6 +89,9 @@ struct Manager {
     /// The latest mirror report of each storage server (monitor), with its
     /// resync byte counter.
     mirror_reports: HashMap<String, (Vec<MirrorReport>, u64)>,
+    /// The boot id each storage server registered with, in this process:
+    /// another one means the server's process restarted.
+    boots: HashMap<String, u64>,
 }
 
 /// Bind, announce, and serve until `shutdown` resolves.
@@ -114,6 +118,7 @@ pub async fn run(
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
         push_timeout: Duration::from_millis(config.push_timeout_ms),
         mirror_reports: HashMap::new(),
+        boots: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::channel::<Request>(1024);
     tokio::spawn(accept_loop(endpoint.clone(), tx, last_seen));
@@ -223,7 +228,11 @@ impl Manager {
                 data_addr,
                 capacity,
                 incarnation,
-            } => self.register(peer, data_addr, capacity, incarnation).await,
+                boot,
+            } => {
+                self.register(peer, data_addr, capacity, incarnation, boot)
+                    .await
+            }
             MgmtRequest::ResyncDone {
                 volume,
                 epoch,
@@ -258,7 +267,17 @@ impl Manager {
             MgmtRequest::Status => Ok(MgmtReply::Status(self.status())),
             MgmtRequest::MirrorStatus => {
                 let status = self.status();
-                let mirrors = crate::monitor::mirror_status(&status.volumes, &status.mirrors);
+                let now = Instant::now();
+                let seen = lock(&self.last_seen).clone();
+                let liveness = status
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        let heard = seen.get(&s.name).map(|t| now.duration_since(*t));
+                        (s.name.clone(), Liveness { up: s.up, heard })
+                    })
+                    .collect();
+                let mirrors = mirror_status(&status.volumes, &status.mirrors, &liveness);
                 Ok(MgmtReply::MirrorStatus(mirrors))
             }
             MgmtRequest::Admin(command) => {
@@ -291,8 +310,14 @@ impl Manager {
         data_addr: SocketAddr,
         capacity: u64,
         incarnation: u64,
+        boot: u64,
     ) -> Result<MgmtReply, Refusal> {
         lock(&self.last_seen).insert(peer.name.clone(), Instant::now());
+        // Unknown after this management server started: every server registers then.
+        let restarted = self
+            .boots
+            .insert(peer.name.clone(), boot)
+            .is_some_and(|before| before != boot);
         // A server registers when its process starts (or when it finds this
         // one new): a connection kept to its address leads to the old process.
         self.connector.forget(data_addr);
@@ -311,9 +336,53 @@ impl Manager {
             })
             .await?;
         }
+        if restarted {
+            self.resync_mirrors_of(&peer.name).await;
+        }
         Ok(MgmtReply::Registered {
             epoch: self.state.epoch,
         })
+    }
+
+    /// `server`'s process restarted: each of its replicas that was a mirror
+    /// in sync is resynced, since writes it acknowledged but had not flushed
+    /// may be gone (the primary's bits name them), and until then no one is
+    /// told it is in sync.
+    async fn resync_mirrors_of(&mut self, server: &str) {
+        let up = |name: &str| self.state.servers.get(name).is_some_and(|s| s.up);
+        let mut due = Vec::new();
+        for (name, volume) in &self.state.volumes {
+            for p in &volume.partitions {
+                let Some(primary) = p.replicas.first() else {
+                    continue;
+                };
+                if primary.server == server
+                    || primary.state != MirrorState::InSync
+                    || !up(&primary.server)
+                {
+                    continue;
+                }
+                if p.replicas
+                    .iter()
+                    .skip(1)
+                    .any(|r| r.server == server && r.state == MirrorState::InSync)
+                {
+                    due.push((name.clone(), p.first_page));
+                }
+            }
+        }
+        for (volume, first_page) in due {
+            info!(%volume, first_page, mirror = %server, "mirror restarted: resyncing");
+            let command = Command::SetMirrorState {
+                volume,
+                first_page,
+                server: server.to_string(),
+                state: MirrorState::Resyncing,
+            };
+            if let Err(refusal) = self.execute(command).await {
+                debug!(%refusal, "resync not started");
+            }
+        }
     }
 
     async fn heartbeat(

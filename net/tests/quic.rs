@@ -208,6 +208,7 @@ async fn roles_are_enforced_on_first_request() {
         data_addr: server.addr,
         capacity: 1 << 30,
         incarnation: 1,
+        boot: 1,
     };
 
     let app = identity(&ca, Role::Client, "app-1");

@@ -44,6 +44,11 @@ pub struct Service {
 /// Payload memory all requests together may hold.
 const IO_BUDGET: usize = 256 << 20;
 impl Service {
+    /// Random per start of this process (see [`MgmtRequest::Register`]).
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
     pub fn new(store: Store<AnyDevice>, replication: Replication) -> Self {
         Service {
             store: Rc::new(store),

@@ -77,6 +77,7 @@ async fn session(
         data_addr: target.advertise,
         capacity: slots * slot_size,
         incarnation: service.store.superblock().incarnation,
+        boot: service.boot(),
     };
     let reply = call(conn, &register, target.interval).await?;
     match reply {

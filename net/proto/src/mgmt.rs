@@ -16,7 +16,7 @@ use super::error::ProtoError;
 use super::header::{Epoch, VolumeId};
 
 /// Management protocol version carried in every frame.
-pub const MGMT_VERSION: u16 = 1;
+pub const MGMT_VERSION: u16 = 2;
 /// The largest management frame accepted (after the length field).
 pub const MAX_FRAME_LEN: u32 = 8 << 20;
 /// Bytes before the message body: length and version.
@@ -262,6 +262,12 @@ pub struct MirrorStatus {
     pub resync_bytes_per_sec: u64,
     /// Seconds until a resync finishes at its current rate.
     pub eta_secs: Option<u64>,
+    /// Whether the management server counts each server as up, and how
+    /// long ago it last heard from it (in this management process).
+    pub primary_up: bool,
+    pub mirror_up: bool,
+    pub primary_heard_ms: Option<u64>,
+    pub mirror_heard_ms: Option<u64>,
 }
 
 /// A request to a management server.
@@ -276,6 +282,9 @@ pub enum MgmtRequest {
         /// Random per format of its disk: a new value means the disk was
         /// replaced or wiped and its replicas need a full copy.
         incarnation: u64,
+        /// Random per start of the server's process: a new value means the
+        /// process restarted, and its mirrors are checked by a resync.
+        boot: u64,
     },
     /// A storage server reports that it is alive and which epochs it holds.
     Heartbeat { held: Vec<(VolumeId, Epoch)> },

@@ -81,16 +81,16 @@ fn opcode_and_status_values_are_frozen() {
 
 #[test]
 fn mgmt_frame_golden_bytes() {
-    // length 3 (version + 1 body byte), version 1, variant 0 (Ping).
+    // length 3 (version + 1 body byte), version 2, variant 0 (Ping).
     assert_eq!(
         hex(&encode_frame(&MgmtRequest::Ping).unwrap()),
-        "030000000100".to_string() + "00"
+        "030000000200".to_string() + "00"
     );
     let reply = MgmtReply::Pong { epoch: Epoch(300) };
     // variant 0, epoch 300 as a postcard varint (0xac 0x02).
     assert_eq!(
         hex(&encode_frame(&reply).unwrap()),
-        "050000000100".to_string() + "00ac02"
+        "050000000200".to_string() + "00ac02"
     );
 }
 
@@ -175,6 +175,7 @@ fn all_requests() -> Vec<MgmtRequest> {
             data_addr: "10.0.0.1:9000".parse().unwrap(),
             capacity: 1 << 40,
             incarnation: 77,
+            boot: 78,
         },
         MgmtRequest::Heartbeat {
             held: vec![(VolumeId(1), Epoch(2))],
@@ -334,6 +335,10 @@ fn all_replies() -> Vec<MgmtReply> {
             resync_copied_regions: 1,
             resync_bytes_per_sec: 1 << 16,
             eta_secs: Some(2),
+            primary_up: true,
+            mirror_up: false,
+            primary_heard_ms: Some(250),
+            mirror_heard_ms: None,
         }]),
     ]
 }
@@ -691,7 +696,7 @@ fn rejects_other_mgmt_version() {
 #[test]
 fn rejects_malformed_body() {
     // Variant 200 does not exist.
-    let frame = [3, 0, 0, 0, 1, 0, 200];
+    let frame = [3, 0, 0, 0, 2, 0, 200];
     assert!(matches!(
         decode_frame::<MgmtRequest>(&frame),
         Err(ProtoError::Malformed { .. })
@@ -700,7 +705,7 @@ fn rejects_malformed_body() {
 
 #[test]
 fn rejects_trailing_bytes() {
-    let frame = [4, 0, 0, 0, 1, 0, 0, 0];
+    let frame = [4, 0, 0, 0, 2, 0, 0, 0];
     assert_eq!(
         decode_frame::<MgmtRequest>(&frame).unwrap_err(),
         ProtoError::TrailingBytes { extra: 1 }
@@ -710,7 +715,7 @@ fn rejects_trailing_bytes() {
 #[test]
 fn huge_vec_length_in_body_does_not_allocate_it() {
     // Heartbeat (variant 2) claiming 2^35 entries in a 12-byte frame.
-    let mut frame = vec![0u8, 0, 0, 0, 1, 0, 2, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01];
+    let mut frame = vec![0u8, 0, 0, 0, 2, 0, 2, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01];
     let len = u32::try_from(frame.len() - 4).unwrap();
     frame[..4].copy_from_slice(&len.to_le_bytes());
     assert!(matches!(
