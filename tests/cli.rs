@@ -423,3 +423,65 @@ fn a_start_without_room_gives_the_space_back() {
     assert_eq!(std::fs::metadata(&existing).unwrap().len(), 0);
     assert!(!absent.exists(), "the start left the file it created");
 }
+
+/// A server whose address is taken says so once, naming the address, and
+/// leaves nothing behind.
+#[test]
+fn a_taken_address_is_one_error_and_creates_nothing() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let c = dir.path().join("cluster");
+    let c = c.to_str().unwrap();
+    assert!(tessera(&["cluster", "init", "--dir", c]).status.success());
+    for (role, name) in [("mgmt", "mgmt"), ("storage", "s1")] {
+        let issued = tessera(&["cert", "issue", "--dir", c, "--role", role, "--name", name]);
+        assert!(issued.status.success(), "{}", stderr(&issued));
+    }
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let state = dir.path().join("mgmt-state");
+    let out = tessera(&[
+        "mgmt",
+        "--listen",
+        &addr,
+        "--state",
+        state.to_str().unwrap(),
+        "--cluster-dir",
+        c,
+        "--name",
+        "mgmt",
+    ]);
+    assert_one_line_error(&out, &format!("cannot serve on {addr}"));
+    assert_eq!(
+        stderr(&out).matches("in use").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !state.exists(),
+        "a failed start created {}",
+        state.display()
+    );
+    let data = dir.path().join("s1.img");
+    let out = tessera(&[
+        "storage",
+        "--listen",
+        &addr,
+        "--data",
+        data.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--cluster-dir",
+        c,
+        "--name",
+        "s1",
+    ]);
+    assert_one_line_error(&out, &format!("cannot serve data on {addr}"));
+    assert_eq!(
+        stderr(&out).matches("in use").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    assert!(!data.exists(), "a failed start created {}", data.display());
+}

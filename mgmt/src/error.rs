@@ -22,6 +22,12 @@ pub enum MgmtError {
     #[error("invalid configuration: {reason}")]
     Config { reason: String },
     /// The transport failed.
+    /// The management endpoint could not be set up (the address is taken, say).
+    #[error("cannot serve on {addr}: {error}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        error: QuicError,
+    },
     #[error(transparent)]
     Net(#[from] QuicError),
 }

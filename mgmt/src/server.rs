@@ -100,8 +100,13 @@ pub async fn run(
     identity: tessera_net::quic::TlsIdentity,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), MgmtError> {
+    // The socket first: a start that cannot serve creates no state.
+    let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &[Alpn::Mgmt])
+        .map_err(|error| MgmtError::Serve {
+            addr: config.listen,
+            error,
+        })?;
     let (db, state) = Db::open(&config.state)?;
-    let endpoint = Endpoint::bind(config.listen, &identity, &config.transport, &[Alpn::Mgmt])?;
     let addr = endpoint.local_addr()?;
     info!(%addr, epoch = %state.epoch, servers = state.servers.len(), volumes = state.volumes.len(), "management server up");
     println!("tessera mgmt {} serving on {addr}", identity.me().name);
