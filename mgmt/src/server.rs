@@ -92,6 +92,10 @@ struct Manager {
     /// The boot id each storage server registered with, in this process:
     /// another one means the server's process restarted.
     boots: HashMap<String, u64>,
+    /// When a primary last reported each server lost as a mirror: it is
+    /// resynced only once it has been heard from since (a dead one would
+    /// hold every client up for the push timeout).
+    lost: HashMap<String, Instant>,
 }
 
 /// Bind, announce, and serve until `shutdown` resolves.
@@ -124,6 +128,7 @@ pub async fn run(
         push_timeout: Duration::from_millis(config.push_timeout_ms),
         mirror_reports: HashMap::new(),
         boots: HashMap::new(),
+        lost: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::channel::<Request>(1024);
     tokio::spawn(accept_loop(endpoint.clone(), tx, last_seen));
@@ -883,17 +888,29 @@ impl Manager {
         }
         warn!(volume = %name, first_page, mirror = server, primary = %peer.name, "mirror missed a write: out of sync");
         match self.commit(&Command::SetMirrorState {
-            volume: name,
+            volume: name.clone(),
             first_page,
             server: server.to_string(),
             state: MirrorState::OutOfSync,
         }) {
-            Ok(outcome) => (
-                MgmtReply::Applied {
-                    epoch: outcome.epoch,
-                },
-                Some(outcome),
-            ),
+            Ok(mut outcome) => {
+                // The lost mirror need not hold the new map before clients may
+                // fetch it: it serves no client of this partition, and it
+                // refuses the primary's forwards at the new epoch until it has
+                // it; of its other partitions the old and new maps say the
+                // same. A live one gets the map with its next heartbeat; a
+                // dead one would hold every client up for the push timeout.
+                if let Some(servers) = outcome.changed.get_mut(&name) {
+                    servers.remove(server);
+                }
+                self.lost.insert(server.to_string(), Instant::now());
+                (
+                    MgmtReply::Applied {
+                        epoch: outcome.epoch,
+                    },
+                    Some(outcome),
+                )
+            }
             Err(r) => refused(r),
         }
     }
@@ -940,9 +957,10 @@ impl Manager {
     async fn start_resyncs(&mut self) {
         let now = Instant::now();
         let fresh = |name: &str| {
-            lock(&self.last_seen)
-                .get(name)
-                .is_some_and(|t| now.duration_since(*t) < self.heartbeat_timeout)
+            lock(&self.last_seen).get(name).is_some_and(|t| {
+                now.duration_since(*t) < self.heartbeat_timeout
+                    && self.lost.get(name).is_none_or(|lost| t > lost)
+            })
         };
         let up = |name: &str| self.state.servers.get(name).is_some_and(|s| s.up);
         let mut due = Vec::new();
