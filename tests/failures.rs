@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tessera_driver::{Client, MgmtServer, Volume};
-use tessera_net::proto::{AdminCommand, ClusterStatus, Epoch, MgmtReply, MirrorState, Role};
+use tessera_net::proto::{
+    AdminCommand, ClusterStatus, Epoch, MgmtReply, MirrorState, Opcode, Role, Status,
+};
 
 /// The management server's default heartbeat timeout: the bugs showed there.
 const HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
@@ -133,7 +135,7 @@ async fn a_management_server_restarted_at_once_marks_no_server_down() {
     stop.store(true, Ordering::Relaxed);
     // Reported, not asserted: CI machines are noisy (the target is 1 s).
     println!(
-        "longest write across both restarts: {:?}",
+        "longest write stall across both restarts: {:?}",
         writes.await.unwrap()
     );
 }
@@ -334,4 +336,51 @@ async fn losing_a_mirror_stalls_writes_briefly() {
         println!("{}\n{}", servers[0].log(), mgmt.log());
     }
     assert!(lost.servers.iter().any(|s| s.name == "s1" && s.up));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_lease_serves_nothing() {
+    // Lease: half the heartbeat timeout, 1 s.
+    let (cluster, mgmt, servers) = three_servers(2_000, "256M").await;
+    mirrored(&mgmt, &cluster, "one", &["s1"]).await;
+    let volume = open(&cluster, &mgmt, "one").await;
+    volume.write_at(0, &pattern(1, 4096)).await.unwrap();
+    let map = status(&mgmt, &cluster).await;
+    let (id, epoch) = map
+        .volumes
+        .iter()
+        .find(|v| v.name == "one")
+        .map(|v| (v.id.0, v.epoch.0))
+        .unwrap();
+    let app = cluster.endpoint(Role::Client, "raw");
+    let conn = servers[0].connect(&app).await;
+    let read = || op(&conn, Opcode::Read, id, epoch, 0, 4096);
+    assert_eq!(read().await.status, Status::Ok);
+    // The management server stops answering: no heartbeat is acknowledged.
+    mgmt.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    let refused = loop {
+        let reply = read().await;
+        if reply.status != Status::Ok {
+            break reply;
+        }
+        assert!(frozen.elapsed() < Duration::from_secs(10), "still served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.status, Status::Unavailable);
+    let gone = frozen.elapsed();
+    println!("reads refused {gone:?} after the management server froze (lease 1 s)");
+    assert!(
+        gone >= Duration::from_millis(500),
+        "refused before a lease could have run out: {gone:?}"
+    );
+    mgmt.signal(libc::SIGCONT);
+    let back = Instant::now();
+    while read().await.status != Status::Ok {
+        assert!(back.elapsed() < Duration::from_secs(10), "no new lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut data = vec![0; 4096];
+    volume.read_at(0, &mut data).await.unwrap();
+    assert_eq!(data, pattern(1, 4096));
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tessera_net::proto::{
     AdminCommand, ClusterStatus, Epoch, EpochVerdict, MgmtReply, MgmtRequest, MirrorReport,
@@ -83,7 +84,10 @@ struct Manager {
     /// still counts on time.
     last_seen: LastSeen,
     /// The epoch each server last acknowledged or reported, per volume.
-    held: HashMap<String, HashMap<VolumeId, Epoch>>,
+    held: Held,
+    /// The state as of the last commit, for the connection tasks that
+    /// answer heartbeats without waiting for this owner.
+    published: Published,
     heartbeat_timeout: Duration,
     push_timeout: Duration,
     /// The latest mirror report of each storage server (monitor), with its
@@ -118,12 +122,15 @@ pub async fn run(
     let last_seen: LastSeen = Arc::new(Mutex::new(
         state.servers.keys().map(|s| (s.clone(), now)).collect(),
     ));
+    let published: Published = Arc::new(ArcSwap::from_pointee(state.clone()));
+    let held: Held = Arc::default();
     let mut manager = Manager {
         last_seen: last_seen.clone(),
         state,
         db,
         connector: Connector::new(endpoint.clone(), Alpn::Mgmt, Role::Storage),
-        held: HashMap::new(),
+        held: held.clone(),
+        published: published.clone(),
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
         push_timeout: Duration::from_millis(config.push_timeout_ms),
         mirror_reports: HashMap::new(),
@@ -131,7 +138,13 @@ pub async fn run(
         lost: HashMap::new(),
     };
     let (tx, mut rx) = mpsc::channel::<Request>(1024);
-    tokio::spawn(accept_loop(endpoint.clone(), tx, last_seen));
+    let shared = Shared {
+        tx,
+        last_seen,
+        held,
+        published,
+    };
+    tokio::spawn(accept_loop(endpoint.clone(), shared));
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
     loop {
@@ -167,32 +180,50 @@ pub async fn run(
 }
 
 type LastSeen = Arc<Mutex<HashMap<String, Instant>>>;
+type Held = Arc<Mutex<HashMap<String, HashMap<VolumeId, Epoch>>>>;
+type Published = Arc<ArcSwap<ClusterState>>;
 
-fn lock(seen: &LastSeen) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-    seen.lock()
+/// A lock whose holder never leaves its table half-changed (each change is
+/// one insert or remove), so a panic elsewhere does not poison it for good.
+fn lock<T>(shared: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shared
+        .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Request>, last_seen: LastSeen) {
+/// What the connection tasks share with the owner of the state.
+#[derive(Clone)]
+struct Shared {
+    tx: mpsc::Sender<Request>,
+    last_seen: LastSeen,
+    held: Held,
+    published: Published,
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Shared) {
     while let Some(handshake) = endpoint.accept().await {
-        let tx = tx.clone();
-        let last_seen = last_seen.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             // A refusal is logged by `finish`.
             if let Ok(conn) = handshake.finish().await {
-                serve_connection(conn, tx, last_seen).await;
+                serve_connection(conn, shared).await;
             }
         });
     }
 }
 
-async fn serve_connection(conn: PeerConnection, tx: mpsc::Sender<Request>, last_seen: LastSeen) {
+async fn serve_connection(conn: PeerConnection, shared: Shared) {
     while let Some((send, recv)) = conn.accept_stream().await {
         let peer = conn.peer().clone();
-        let tx = tx.clone();
-        let last_seen = last_seen.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let handled = serve_mgmt_stream(&peer.clone(), send, recv, |request| async move {
+                let Shared {
+                    tx,
+                    last_seen,
+                    held,
+                    published,
+                } = shared;
                 if peer.role == Role::Storage
                     && matches!(
                         request,
@@ -200,6 +231,17 @@ async fn serve_connection(conn: PeerConnection, tx: mpsc::Sender<Request>, last_
                     )
                 {
                     lock(&last_seen).insert(peer.name.clone(), Instant::now());
+                }
+                // A heartbeat of a server that is up is answered here, from
+                // the last committed state: a busy owner (a push waiting out
+                // a dead server) must not starve the servers' leases.
+                if let MgmtRequest::Heartbeat { held: epochs } = &request
+                    && peer.role == Role::Storage
+                {
+                    let state = published.load();
+                    if state.servers.get(&peer.name).is_some_and(|s| s.up) {
+                        return heartbeat_reply(&state, &held, &peer.name, epochs);
+                    }
                 }
                 let (reply, answer) = oneshot::channel();
                 let unavailable = || {
@@ -225,6 +267,43 @@ async fn serve_connection(conn: PeerConnection, tx: mpsc::Sender<Request>, last_
                 debug!(error = %e, "management stream failed");
             }
         });
+    }
+}
+
+/// The answer to `server`'s heartbeat saying it holds `epochs`: the map
+/// slices it does not hold at their epoch in `state`, and the volumes it
+/// holds that were deleted. Records what it holds.
+fn heartbeat_reply(
+    state: &ClusterState,
+    held: &Held,
+    server: &str,
+    epochs: &[(VolumeId, Epoch)],
+) -> MgmtReply {
+    let held_map: HashMap<VolumeId, Epoch> = epochs.iter().copied().collect();
+    let mut maps: Vec<VolumeMap> = Vec::new();
+    let mut dropped = Vec::new();
+    for (id, epoch) in epochs {
+        match state.volume_by_id(*id).and_then(|v| state.volume_map(v)) {
+            Some(map) if !EpochVerdict::judge(map.epoch, *epoch).is_current() => maps.push(map),
+            Some(_) => {}
+            // Only ids this map has handed out: a management server
+            // started on the wrong (say empty) state must not wipe servers.
+            None if id.0 < state.next_volume_id => dropped.push(*id),
+            None => {
+                warn!(%server, volume = %id, "server holds a volume this map never assigned")
+            }
+        }
+    }
+    for (volume, record) in &state.volumes {
+        if record.servers().contains(server) && !held_map.contains_key(&record.id) {
+            maps.extend(state.volume_map(volume));
+        }
+    }
+    lock(held).insert(server.to_string(), held_map);
+    MgmtReply::Maps {
+        epoch: state.epoch,
+        maps,
+        dropped,
     }
 }
 
@@ -351,6 +430,7 @@ impl Manager {
         }
         Ok(MgmtReply::Registered {
             epoch: self.state.epoch,
+            lease_ms: u64::try_from(self.lease().as_millis()).unwrap_or(u64::MAX),
         })
     }
 
@@ -416,36 +496,15 @@ impl Manager {
             })
             .await?;
         }
-        let held_map: HashMap<VolumeId, Epoch> = held.iter().copied().collect();
-        self.held.insert(name.clone(), held_map.clone());
-        let mut maps: Vec<VolumeMap> = Vec::new();
-        let mut dropped = Vec::new();
-        for (id, epoch) in &held {
-            match self
-                .state
-                .volume_by_id(*id)
-                .and_then(|v| self.state.volume_map(v))
-            {
-                Some(map) if !EpochVerdict::judge(map.epoch, *epoch).is_current() => maps.push(map),
-                Some(_) => {}
-                // Only ids this map has handed out: a management server
-                // started on the wrong (say empty) state must not wipe servers.
-                None if id.0 < self.state.next_volume_id => dropped.push(*id),
-                None => {
-                    warn!(server = %name, volume = %id, "server holds a volume this map never assigned")
-                }
-            }
-        }
-        for (volume, record) in &self.state.volumes {
-            if record.servers().contains(name) && !held_map.contains_key(&record.id) {
-                maps.extend(self.state.volume_map(volume));
-            }
-        }
-        Ok(MgmtReply::Maps {
-            epoch: self.state.epoch,
-            maps,
-            dropped,
-        })
+        Ok(heartbeat_reply(&self.state, &self.held, name, &held))
+    }
+
+    /// The lease each acknowledged heartbeat grants a storage server. Half
+    /// the heartbeat timeout: a server silent for the timeout has been
+    /// without a lease for half of it, so marking it down and promoting a
+    /// mirror cannot leave two primaries serving.
+    fn lease(&self) -> Duration {
+        self.heartbeat_timeout / 2
     }
 
     fn status(&self) -> ClusterStatus {
@@ -456,8 +515,7 @@ impl Manager {
                 .servers
                 .iter()
                 .map(|(name, s)| {
-                    let mut held: Vec<_> = self
-                        .held
+                    let mut held: Vec<_> = lock(&self.held)
                         .get(name)
                         .map(|h| h.iter().map(|(v, e)| (*v, *e)).collect())
                         .unwrap_or_default();
@@ -694,6 +752,17 @@ impl Manager {
             if failed.is_empty() {
                 break;
             }
+            // A server that missed the push may still hold a lease from its
+            // last heartbeat: until that has run out it may serve what it
+            // knows, so no map that moves its partitions is let out before.
+            let leases_end = failed
+                .iter()
+                .filter_map(|server| lock(&self.last_seen).get(server).copied())
+                .max()
+                .map(|heard| heard + self.lease());
+            if let Some(end) = leases_end {
+                tokio::time::sleep_until(end.into()).await;
+            }
             let mut next = Outcome::default();
             for server in failed {
                 warn!(%server, "did not acknowledge the new map: marking down");
@@ -723,6 +792,7 @@ impl Manager {
             }
         })?;
         self.state = next;
+        self.published.store(Arc::new(self.state.clone()));
         Ok(outcome)
     }
 
@@ -801,7 +871,8 @@ impl Manager {
             };
             match acked {
                 Ok(epoch) => {
-                    let held = self.held.entry(server).or_default();
+                    let mut all = lock(&self.held);
+                    let held = all.entry(server).or_default();
                     if outcome.deleted.contains_key(&volume) {
                         held.remove(&volume);
                     } else {

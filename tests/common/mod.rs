@@ -166,6 +166,13 @@ impl MgmtProc {
         let _ = self.child.wait();
     }
 
+    /// Send `signal` (SIGSTOP freezes it: a management server that stops
+    /// answering without closing anything).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain syscall with our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// SIGTERM and wait for it to exit.
     pub fn stop(&mut self) {
         // SAFETY: plain syscall with our child's pid.

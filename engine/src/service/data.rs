@@ -179,7 +179,16 @@ async fn execute(
     };
     let epoch = admission.epoch;
     let pieces = match (request.opcode, payload) {
-        (Opcode::Read, _) => store.read(&volume, request.offset, request.length).await?,
+        (Opcode::Read, _) => {
+            let pieces = store.read(&volume, request.offset, request.length).await?;
+            // The lease may have run out while the disk read: data read
+            // before is no answer a replaced server may still give.
+            store
+                .lease()
+                .check(std::time::Instant::now())
+                .map_err(|e| Refusal::new(epoch, Refused::NoLease(e)))?;
+            pieces
+        }
         (Opcode::Write | Opcode::Trim | Opcode::WriteZeroes, payload) => {
             if forwarded {
                 repl::mirror_write(

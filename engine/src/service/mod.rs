@@ -135,6 +135,9 @@ pub async fn run(
         None => None,
     };
     let store = open_store(config, identity, FormatPolicy::IfBlank).await?;
+    if config.mgmt.is_some() {
+        store.lease().require();
+    }
     let replication = Replication::new(
         identity.me().name.clone(),
         store.superblock().geometry.region_size,

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_net::proto::{Epoch, MgmtReply, MgmtRequest, Role};
 use tessera_net::quic::{Alpn, ConnectError, Endpoint, PeerConnection, QuicError};
@@ -26,14 +26,25 @@ pub struct ReportTarget {
 /// Register, then heartbeat every `interval` (or at once when a client shows
 /// a newer epoch) until the endpoint closes; reconnects after failures.
 pub async fn report_loop(service: Rc<Service>, endpoint: Endpoint, target: ReportTarget) {
+    // Back at once after a failure, then less often: a management server
+    // that restarted is found within its first second.
+    let mut retry = RETRY_FIRST;
     loop {
         match endpoint
             .connect(target.addr, &target.name, Alpn::Mgmt, Role::Mgmt)
             .await
         {
             Ok(conn) => {
-                if let Err(e) = session(&service, &conn, &target).await {
-                    warn!(mgmt = %target.addr, error = %e, "lost the management server");
+                match session(&service, &conn, &target).await {
+                    Err(SessionEnd::Failed(e)) => {
+                        warn!(mgmt = %target.addr, error = %e, "lost the management server");
+                    }
+                    // It served us: the next failure is retried at once again.
+                    Err(SessionEnd::AfterHeartbeats(e)) => {
+                        warn!(mgmt = %target.addr, error = %e, "lost the management server");
+                        retry = RETRY_FIRST;
+                    }
+                    Ok(()) => retry = RETRY_FIRST,
                 }
                 // A silent connection may still look open: the next session dials afresh.
                 conn.close();
@@ -41,8 +52,20 @@ pub async fn report_loop(service: Rc<Service>, endpoint: Endpoint, target: Repor
             Err(QuicError::Connect(ConnectError::EndpointStopping)) => return,
             Err(e) => warn!(mgmt = %target.addr, error = %e, "cannot reach the management server"),
         }
-        tokio::time::sleep(target.interval).await;
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(target.interval);
     }
+}
+
+/// The first pause before dialing the management server again.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// How a session with the management server ended.
+enum SessionEnd {
+    /// Before any heartbeat was acknowledged.
+    Failed(EngineError),
+    /// After at least one.
+    AfterHeartbeats(EngineError),
 }
 
 /// How long one call to the management server may take. A management server
@@ -70,6 +93,23 @@ async fn session(
     service: &Service,
     conn: &PeerConnection,
     target: &ReportTarget,
+) -> Result<(), SessionEnd> {
+    let mut acknowledged = false;
+    let result = heartbeats(service, conn, target, &mut acknowledged).await;
+    result.map_err(|e| match acknowledged {
+        true => SessionEnd::AfterHeartbeats(e),
+        false => SessionEnd::Failed(e),
+    })
+}
+
+/// Register, then heartbeat until a call fails; every heartbeat the
+/// management server acknowledges renews the lease, counted from when it was
+/// sent, once the maps it carried are applied.
+async fn heartbeats(
+    service: &Service,
+    conn: &PeerConnection,
+    target: &ReportTarget,
+    acknowledged: &mut bool,
 ) -> Result<(), EngineError> {
     let (_, slots) = service.store.slot_usage();
     let slot_size = u64::from(service.store.superblock().geometry.slot_size);
@@ -80,10 +120,21 @@ async fn session(
         boot: service.boot(),
     };
     let reply = call(conn, &register, target.interval).await?;
-    match reply {
-        MgmtReply::Registered { epoch } => info!(mgmt = %target.addr, %epoch, "registered"),
-        other => warn!(?other, "registration refused"),
-    }
+    let lease = match reply {
+        MgmtReply::Registered { epoch, lease_ms } => {
+            info!(mgmt = %target.addr, %epoch, lease_ms, "registered");
+            Duration::from_millis(lease_ms)
+        }
+        other => {
+            warn!(?other, "registration refused");
+            return Ok(());
+        }
+    };
+    // Three heartbeats to a lease: one lost or late answer does not end it.
+    let interval = target
+        .interval
+        .min(lease / 3)
+        .max(Duration::from_millis(10));
     loop {
         // A volume whose map is not known yet (after a restart) is reported
         // at epoch 0, so the answer carries its map.
@@ -102,11 +153,17 @@ async fn session(
                 )
             })
             .collect();
-        match call(conn, &MgmtRequest::Heartbeat { held }, target.interval).await? {
+        let sent = Instant::now();
+        match call(conn, &MgmtRequest::Heartbeat { held }, interval).await? {
             MgmtReply::Maps { maps, dropped, .. } => {
+                // The lease is renewed only once this server holds what the
+                // management server holds: a server back from a partition
+                // must not serve its old layout on a fresh lease.
+                let mut current = true;
                 for map in maps {
                     if let MgmtReply::Refused(refusal) = service.store.handle_push(&map).await {
                         warn!(volume = %map.id, %refusal, "map from heartbeat not applied");
+                        current = false;
                     }
                     service.replication.map_changed(&service.store, map.id);
                 }
@@ -114,6 +171,10 @@ async fn session(
                     if let Err(e) = service.store.drop_volume(id).await {
                         warn!(volume = %id, error = %e, "cannot drop volume");
                     }
+                }
+                if current {
+                    service.store.lease().renew(sent, lease);
+                    *acknowledged = true;
                 }
             }
             MgmtReply::Refused(refusal) => {
@@ -126,11 +187,11 @@ async fn session(
             mirrors: service.replication.reports(&service.store),
             resynced_bytes: service.replication.resynced_bytes(),
         };
-        if let MgmtReply::Refused(refusal) = call(conn, &report, target.interval).await? {
+        if let MgmtReply::Refused(refusal) = call(conn, &report, interval).await? {
             debug!(%refusal, "mirror report refused");
         }
         tokio::select! {
-            () = tokio::time::sleep(target.interval) => {}
+            () = tokio::time::sleep(interval.saturating_sub(sent.elapsed())) => {}
             () = service.refresh.notified() => {}
         }
     }

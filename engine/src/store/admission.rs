@@ -9,7 +9,7 @@ use tessera_net::proto::{
 };
 use tessera_net::quic::PeerIdentity;
 
-use super::{Admitted, Store, Volume};
+use super::{Admitted, NoLease, Store, Volume};
 use crate::disk::io::BlockDevice;
 
 /// Why a data request is answered without being executed, with the
@@ -102,6 +102,10 @@ pub enum Refused {
     /// The volume's map has not been fetched since a restart.
     #[error("this server is fetching the volume's map after a restart")]
     NoMapYet,
+    /// The server's lease from the management server does not hold: it may
+    /// have been replaced, so it serves nothing until a heartbeat is acknowledged.
+    #[error("{0}")]
+    NoLease(NoLease),
     /// A metadata write failed earlier: the store serves nothing more.
     #[error("the store stopped after a metadata write error; restart the server")]
     Stopped,
@@ -132,7 +136,9 @@ impl Refused {
             | Refused::NotFromPrimary { .. }
             | Refused::NotPrimary { .. }
             | Refused::NotAdmittedAsPrimary => Status::NotOwner,
-            Refused::NoMapYet | Refused::MirrorLossUnrecorded { .. } => Status::Unavailable,
+            Refused::NoMapYet | Refused::NoLease(_) | Refused::MirrorLossUnrecorded { .. } => {
+                Status::Unavailable
+            }
             Refused::Stopped | Refused::Io { .. } => Status::IoError,
         }
     }
@@ -216,6 +222,9 @@ impl<D: BlockDevice> Store<D> {
         if self.failed.get() {
             return Err(Refusal::new(volume.epoch(), Refused::Stopped));
         }
+        self.lease
+            .check(std::time::Instant::now())
+            .map_err(|e| Refusal::new(volume.epoch(), Refused::NoLease(e)))?;
         let record = volume.record.borrow();
         let verdict = EpochVerdict::judge(record.epoch, request.epoch);
         if !verdict.is_current() {

@@ -13,6 +13,7 @@
 mod admission;
 pub mod bitmask;
 mod data;
+pub mod lease;
 mod maps;
 mod meta;
 pub mod open;
@@ -20,6 +21,7 @@ mod volume;
 
 pub use admission::{Admission, Part, PartitionRef, Placement, Refusal, Refused};
 pub use data::ReadPiece;
+pub use lease::{Lease, NoLease};
 pub use volume::{Admitted, Volume};
 
 use std::cell::{Cell, RefCell};
@@ -71,6 +73,8 @@ pub struct Store<D> {
     /// the store stops serving until it is restarted and reloaded from disk.
     failed: Cell<bool>,
     chunks: RefCell<HashMap<ChunkKey, Rc<RwLock<Option<u32>>>>>,
+    /// Admission needs it while the server reports to a management server.
+    lease: Lease,
 }
 
 impl<D> std::fmt::Debug for Store<D> {
@@ -314,7 +318,13 @@ impl<D: BlockDevice> Store<D> {
             map_lock: Mutex::new(()),
             failed: Cell::new(false),
             chunks: RefCell::new(chunks),
+            lease: Lease::default(),
         })
+    }
+
+    /// The lease that admission checks (see [`Lease`]).
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     pub fn superblock(&self) -> &Superblock {

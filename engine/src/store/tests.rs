@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use tessera_net::proto::{
     Epoch, FLAG_REPLICA, MirrorState, Opcode, Partition, Replica, Request, Role, Status, VolumeId,
@@ -375,7 +376,7 @@ fn admission_hands_over_the_partition_and_this_servers_part() {
         // While it is held, a map push waits: the epoch cannot move.
         let next = map(6);
         let push = store.apply_map(&next);
-        let pushed = tokio::time::timeout(std::time::Duration::from_millis(50), push).await;
+        let pushed = tokio::time::timeout(Duration::from_millis(50), push).await;
         assert!(pushed.is_err(), "a push went through an admitted request");
         drop(unranged);
         assert_eq!(store.apply_map(&map(6)).await.unwrap(), Epoch(6));
@@ -436,4 +437,31 @@ fn each_reason_has_one_status_and_a_message_with_its_fields() {
         assert!(reason.to_string().contains(text), "{reason}");
         assert_eq!(Refusal::new(Epoch(3), reason).status(), status);
     }
+}
+
+#[test]
+fn without_a_lease_nothing_is_admitted_and_a_renewed_one_admits_again() {
+    run(async {
+        let (_dev, store) = fresh().await;
+        store.apply_map(&map(5)).await.unwrap();
+        let volume = store.volume(VolumeId(1)).unwrap();
+        store.lease().require();
+        // Before the first acknowledged heartbeat: refused, with the epoch.
+        let (status, epoch, message) = refusal(&store, &read_at(5, 0), &client());
+        assert_eq!((status, epoch), (Status::Unavailable, Epoch(5)));
+        assert!(message.contains("no heartbeat acknowledged"), "{message}");
+        let now = std::time::Instant::now();
+        store.lease().renew(now, Duration::from_secs(60));
+        store.check(&volume, &read_at(5, 0), &client()).unwrap();
+        // A lease granted long ago has run out: refused again.
+        let (_, store) = fresh().await;
+        store.apply_map(&map(5)).await.unwrap();
+        store.lease().require();
+        store
+            .lease()
+            .renew(now - Duration::from_secs(10), Duration::from_secs(2));
+        let (status, _, message) = refusal(&store, &read_at(5, 0), &client());
+        assert_eq!(status, Status::Unavailable);
+        assert!(message.contains("lease ran out"), "{message}");
+    });
 }

@@ -448,8 +448,12 @@ pub enum MgmtReply {
     Pong {
         epoch: Epoch,
     },
+    /// Answer to `Register`, with the lease each acknowledged heartbeat
+    /// grants (counted from when the heartbeat was sent): the server admits
+    /// no request once it has run out.
     Registered {
         epoch: Epoch,
+        lease_ms: u64,
     },
     Map(VolumeMap),
     /// An admin command was applied; the cluster is now at `epoch`.

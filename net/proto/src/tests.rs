@@ -265,7 +265,10 @@ fn all_replies() -> Vec<MgmtReply> {
     let s = |v: &str| v.to_string();
     vec![
         MgmtReply::Pong { epoch: Epoch(1) },
-        MgmtReply::Registered { epoch: Epoch(2) },
+        MgmtReply::Registered {
+            epoch: Epoch(2),
+            lease_ms: 2500,
+        },
         MgmtReply::Map(sample_map()),
         MgmtReply::Applied { epoch: Epoch(3) },
         MgmtReply::Maps {
