@@ -68,21 +68,26 @@ enum SessionEnd {
     AfterHeartbeats(EngineError),
 }
 
-/// How long one call to the management server may take. A management server
-/// killed without closing its connections leaves calls hanging until QUIC's
-/// idle timeout; a restarted one marks down only servers silent for its
-/// heartbeat timeout (5 s by default), so they must reconnect well before.
-fn call_timeout(interval: Duration) -> Duration {
-    (2 * interval).clamp(Duration::from_secs(1), Duration::from_secs(2))
+/// How long a heartbeat may take: one heartbeat interval (at least 0.5 s).
+/// A management server killed without closing its connections leaves calls
+/// hanging until QUIC's idle timeout; the lease, three intervals long, must
+/// outlast a heartbeat that hangs, the pause and a new registration.
+/// Heartbeats are answered without waiting for the management server's
+/// owner loop, so they are quick when it is alive.
+fn heartbeat_timeout(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_millis(500), Duration::from_secs(2))
 }
 
-/// One call, within `call_timeout`.
+/// How long a call the owner loop answers may take (registering, the mirror
+/// report): it may be busy with a push for its push timeout (2 s).
+const OWNER_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One call, within `after`.
 async fn call(
     conn: &PeerConnection,
     request: &MgmtRequest,
-    interval: Duration,
+    after: Duration,
 ) -> Result<MgmtReply, EngineError> {
-    let after = call_timeout(interval);
     match tokio::time::timeout(after, conn.mgmt(request)).await {
         Ok(reply) => Ok(reply?),
         Err(_) => Err(EngineError::MgmtSilent { after }),
@@ -119,7 +124,7 @@ async fn heartbeats(
         incarnation: service.store.superblock().incarnation,
         boot: service.boot(),
     };
-    let reply = call(conn, &register, target.interval).await?;
+    let reply = call(conn, &register, OWNER_CALL_TIMEOUT).await?;
     let lease = match reply {
         MgmtReply::Registered { epoch, lease_ms } => {
             info!(mgmt = %target.addr, %epoch, lease_ms, "registered");
@@ -135,6 +140,7 @@ async fn heartbeats(
         .interval
         .min(lease / 3)
         .max(Duration::from_millis(10));
+    let reporting = Rc::new(std::cell::Cell::new(false));
     loop {
         // A volume whose map is not known yet (after a restart) is reported
         // at epoch 0, so the answer carries its map.
@@ -154,7 +160,13 @@ async fn heartbeats(
             })
             .collect();
         let sent = Instant::now();
-        match call(conn, &MgmtRequest::Heartbeat { held }, interval).await? {
+        match call(
+            conn,
+            &MgmtRequest::Heartbeat { held },
+            heartbeat_timeout(interval),
+        )
+        .await?
+        {
             MgmtReply::Maps { maps, dropped, .. } => {
                 // The lease is renewed only once this server holds what the
                 // management server holds: a server back from a partition
@@ -187,8 +199,20 @@ async fn heartbeats(
             mirrors: service.replication.reports(&service.store),
             resynced_bytes: service.replication.resynced_bytes(),
         };
-        if let MgmtReply::Refused(refusal) = call(conn, &report, interval).await? {
-            debug!(%refusal, "mirror report refused");
+        // A busy owner loop may take long to take the report: it goes in a
+        // task of its own, one at a time, so the heartbeats (and the lease)
+        // never wait for it.
+        if !reporting.get() {
+            reporting.set(true);
+            let (conn, reporting) = (conn.clone(), reporting.clone());
+            tokio_uring::spawn(async move {
+                match call(&conn, &report, OWNER_CALL_TIMEOUT).await {
+                    Ok(MgmtReply::Refused(refusal)) => debug!(%refusal, "mirror report refused"),
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "mirror report not taken"),
+                }
+                reporting.set(false);
+            });
         }
         tokio::select! {
             () = tokio::time::sleep(interval.saturating_sub(sent.elapsed())) => {}
