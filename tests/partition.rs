@@ -102,16 +102,12 @@ impl Lab {
         let home = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
         let there = std::fs::File::open(format!("/var/run/netns/{}", self.ns(host))).unwrap();
         // SAFETY: plain syscalls on open namespace descriptors, for this thread only.
-        assert_eq!(
-            unsafe { libc::setns(there.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let entered = unsafe { libc::setns(there.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns into {host}");
         let out = f();
         // SAFETY: as above, back to where the thread was.
-        assert_eq!(
-            unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        let left = unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(left, 0, "setns back from {host}");
         out
     }
 
