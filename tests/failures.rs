@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tessera_driver::{Client, MgmtServer, Volume};
 use tessera_net::proto::{
-    AdminCommand, ClusterStatus, Epoch, MgmtReply, MirrorState, Opcode, Role, Status,
+    AdminCommand, ClusterStatus, Epoch, MgmtReply, MirrorState, Opcode, Request, Role, Status,
 };
 
 /// The management server's default heartbeat timeout: the bugs showed there.
@@ -383,4 +383,59 @@ async fn a_server_without_a_lease_serves_nothing() {
     let mut data = vec![0; 4096];
     volume.read_at(0, &mut data).await.unwrap();
     assert_eq!(data, pattern(1, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_write_that_arrives_late_does_not_land() {
+    let (cluster, mgmt, servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;
+    mirrored(&mgmt, &cluster, "m", &["s1", "s2"]).await;
+    wait_status(&mgmt, &cluster, "mirrors in sync", |s| in_sync(s, "m")).await;
+    let map = status(&mgmt, &cluster).await;
+    let volume = map.volumes.iter().find(|v| v.name == "m").unwrap();
+    let (id, epoch) = (volume.id, volume.epoch);
+    let app = cluster.endpoint(Role::Client, "app");
+    let s1 = servers[0].connect(&app).await;
+    let write = |tag: u64, sequence: u64| {
+        let data = pattern(tag, 4096);
+        let mut request = Request::write(id, epoch, 0, &data, sequence).unwrap();
+        request.session = 0x5e55;
+        request.sequence = sequence;
+        (request, data)
+    };
+    // W1 is sent, delayed in the network, retried and acknowledged; then
+    // W2 to the same block is acknowledged.
+    let (w1, w1_data) = write(1, 1);
+    let (reply, _) = s1.data(&w1, &w1_data).await.unwrap();
+    assert_eq!(reply.status, Status::Ok);
+    let (w2, w2_data) = write(2, 2);
+    let (reply, _) = s1.data(&w2, &w2_data).await.unwrap();
+    assert_eq!(reply.status, Status::Ok);
+    // The delayed original W1 arrives at last, on a connection of its own.
+    let late = cluster.endpoint(Role::Client, "app");
+    let late = servers[0].connect(&late).await;
+    let (reply, _) = late.data(&w1, &w1_data).await.unwrap();
+    assert_eq!(reply.status, Status::Ok, "answered as the write it copies");
+    // The block holds W2, on both replicas.
+    let read = Request::new(Opcode::Read, id, epoch, 0, 4096, 9);
+    let (reply, data) = s1.data(&read, &[]).await.unwrap();
+    assert_eq!(reply.status, Status::Ok);
+    assert_eq!(data, w2_data, "the late W1 landed after W2");
+    let out = admin_cli(&cluster, &mgmt, &["volume", "verify", "m"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A session's copy of a write it let go of long ago is refused, not run.
+    let (old, old_data) = write(3, 1);
+    for sequence in 10..10 + 4200 {
+        let (w, d) = write(4, sequence);
+        let (reply, _) = s1.data(&w, &d).await.unwrap();
+        assert_eq!(reply.status, Status::Ok);
+    }
+    let (reply, _) = late.data(&old, &old_data).await.unwrap();
+    assert_eq!(reply.status, Status::BadRequest);
+    let (_, data) = s1.data(&read, &[]).await.unwrap();
+    assert_eq!(data, pattern(4, 4096));
 }

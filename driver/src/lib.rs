@@ -110,6 +110,11 @@ pub struct Client {
     /// connection and when it was made: however many requests wait on a
     /// silent server, it is probed once per `PING_AFTER`.
     probes: Arc<std::sync::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Probe>>>>>,
+    /// This client's session: with a sequence number per request, kept by
+    /// its retries, it lets a server take each write once, however many
+    /// copies of it arrive, and however late.
+    session: u64,
+    sequence: Arc<AtomicU64>,
 }
 
 /// When a server was last probed, and the boot id it answered with.
@@ -129,6 +134,8 @@ impl Client {
             endpoint,
             boots: Arc::default(),
             probes: Arc::default(),
+            session: rand::random::<u64>().max(1),
+            sequence: Arc::new(AtomicU64::new(1)),
         };
         client.call_mgmt(&MgmtRequest::Ping).await?;
         Ok(client)
@@ -466,6 +473,8 @@ impl VolumeInner {
         let mut backoff = FIRST_BACKOFF;
         let mut last = String::new();
         let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
+        // The same in every attempt: the attempts are copies of one request.
+        let sequence = self.client.sequence.fetch_add(1, Ordering::Relaxed);
         for attempt in 0.. {
             if attempt > 0 {
                 if tokio::time::Instant::now() + backoff > deadline {
@@ -495,6 +504,8 @@ impl VolumeInner {
             if piece.fua {
                 request.flags |= FLAG_FUA;
             }
+            request.session = self.client.session;
+            request.sequence = sequence;
             if piece.opcode == Opcode::Flush {
                 // FLUSH carries no range; it goes to the server of `piece.offset`'s page.
                 request.offset = 0;

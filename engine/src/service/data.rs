@@ -12,6 +12,7 @@ use tessera_net::quic::{PeerIdentity, ReadExactError, RecvStream, SendStream, Va
 use tracing::{debug, warn};
 
 use super::Service;
+use super::sessions::Seen;
 use crate::disk::aligned::AlignedBuf;
 use crate::repl::{self};
 use crate::store::{ReadPiece, Refusal, Refused};
@@ -78,7 +79,28 @@ pub(super) async fn serve_data_stream(
         return;
     };
     let outcome = if matches!(peer.role, Role::Client | Role::Storage) {
-        execute(&service, &peer, &request, &mut recv).await
+        match service.sessions.see(&peer, &request) {
+            Seen::Untracked => execute(&service, &peer, &request, &mut recv).await,
+            Seen::New(claim) => {
+                let outcome = execute(&service, &peer, &request, &mut recv).await;
+                claim.settle(
+                    outcome
+                        .as_ref()
+                        .map(|(epoch, _)| *epoch)
+                        .map_err(Clone::clone),
+                );
+                outcome
+            }
+            // Written already, or being written: the answer, not a second write.
+            Seen::Copy(first) => first.outcome().await.map(|epoch| (epoch, Vec::new())),
+            Seen::Behind { floor } => Err(Refusal::new(
+                Epoch(0),
+                Refused::SequenceBehind {
+                    sequence: request.sequence,
+                    floor,
+                },
+            )),
+        }
     } else {
         Err(Refusal::new(
             Epoch(0),

@@ -5,6 +5,7 @@ mod data;
 pub mod metrics;
 mod mgmt;
 pub mod report;
+mod sessions;
 
 use std::io::Write;
 use std::rc::Rc;
@@ -39,6 +40,8 @@ pub struct Service {
     /// Random per process start: a PING of volume 0 answers with it, so a
     /// client can tell this process from the one before a restart.
     boot: u64,
+    /// Per client session, the writes it has sent: each is taken once.
+    sessions: sessions::Sessions,
 }
 
 /// Payload memory all requests together may hold.
@@ -57,6 +60,7 @@ impl Service {
             metrics: Metrics::default(),
             budget: tokio::sync::Semaphore::new(IO_BUDGET / BLOCK_SIZE as usize),
             boot: rand::random::<u64>().max(1),
+            sessions: sessions::Sessions::default(),
         }
     }
 }

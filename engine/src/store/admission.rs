@@ -112,6 +112,14 @@ pub enum Refused {
     /// The disk failed the operation.
     #[error("{error}")]
     Io { error: String },
+    /// A copy of a write waited for the first copy, whose stream went away
+    /// before it had an answer: whether it took effect is not known here.
+    #[error("the first copy of this write went away unanswered; send it again")]
+    CopyAbandoned,
+    /// A write's sequence number is at or below the newest its session's
+    /// window let go of: it may have been taken, so it is not run.
+    #[error("sequence {sequence} is not above {floor}, which the session's window no longer holds")]
+    SequenceBehind { sequence: u64, floor: u64 },
 }
 
 impl Refused {
@@ -136,9 +144,11 @@ impl Refused {
             | Refused::NotFromPrimary { .. }
             | Refused::NotPrimary { .. }
             | Refused::NotAdmittedAsPrimary => Status::NotOwner,
-            Refused::NoMapYet | Refused::NoLease(_) | Refused::MirrorLossUnrecorded { .. } => {
-                Status::Unavailable
-            }
+            Refused::NoMapYet
+            | Refused::NoLease(_)
+            | Refused::MirrorLossUnrecorded { .. }
+            | Refused::CopyAbandoned => Status::Unavailable,
+            Refused::SequenceBehind { .. } => Status::BadRequest,
             Refused::Stopped | Refused::Io { .. } => Status::IoError,
         }
     }

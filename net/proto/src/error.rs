@@ -30,9 +30,6 @@ pub enum ProtoError {
     /// RESYNC is set without REPLICA: only a primary's forwarded copy may carry it.
     #[error("flags {flags:#04x}: RESYNC (bit 2) is only valid with REPLICA (bit 1)")]
     ResyncWithoutReplica { flags: u8 },
-    /// Reserved header bytes are not zero (they are kept for later versions).
-    #[error("reserved header bytes are not zero")]
-    ReservedNotZero,
     /// Offset or length is not a multiple of the block size.
     #[error("offset {offset} or length {length} is not a multiple of {block} bytes")]
     Misaligned {

@@ -17,7 +17,7 @@ pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"TSRQ");
 /// `b"TSRP"` read as a little-endian u32.
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"TSRP");
 /// Data protocol version carried in every header.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Every offset and length on the data path is a multiple of this.
 pub const BLOCK_SIZE: u32 = 4096;
 /// The largest range one request may cover (drivers split larger I/O).
@@ -170,7 +170,8 @@ pub struct RequestHeader {
     pub length: U32,
     pub checksum: U32,
     pub request_id: U64,
-    pub reserved: [u8; 16],
+    pub session: U64,
+    pub sequence: U64,
 }
 const _: () = assert!(size_of::<RequestHeader>() == REQUEST_HEADER_LEN);
 
@@ -223,6 +224,12 @@ pub struct Request {
     /// crc32c of the payload (0 when the opcode carries none).
     pub checksum: u32,
     pub request_id: u64,
+    /// The client's session (random per driver), 0 for none: with
+    /// `sequence` it names one request across retries, so a server takes a
+    /// write only once however many copies of it arrive, and late.
+    pub session: u64,
+    /// Strictly increasing per session, the same in every retry of a request.
+    pub sequence: u64,
 }
 
 impl Request {
@@ -244,6 +251,8 @@ impl Request {
             length,
             checksum: 0,
             request_id,
+            session: 0,
+            sequence: 0,
         }
     }
 
@@ -298,9 +307,13 @@ impl Request {
             Forward::Client => 0,
             Forward::Resync => FLAG_RESYNC,
         };
+        // A primary does not retry a forward it cannot judge: its mirror
+        // needs no window for it.
         Request {
             flags: (self.flags & FLAG_FUA) | FLAG_REPLICA | resync,
             request_id,
+            session: 0,
+            sequence: 0,
             ..*self
         }
     }
@@ -372,7 +385,8 @@ impl Request {
             length: self.length.into(),
             checksum: self.checksum.into(),
             request_id: self.request_id.into(),
-            reserved: [0; 16],
+            session: self.session.into(),
+            sequence: self.sequence.into(),
         };
         let mut out = [0u8; REQUEST_HEADER_LEN];
         out.copy_from_slice(header.as_bytes());
@@ -393,9 +407,6 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, &[u8]), ProtoError> {
             available: buf.len(),
         })?;
     check_magic_version(header.magic.get(), REQUEST_MAGIC, header.version.get())?;
-    if header.reserved != [0; 16] {
-        return Err(ProtoError::ReservedNotZero);
-    }
     let request = Request {
         opcode: Opcode::from_u8(header.opcode)?,
         flags: header.flags,
@@ -405,6 +416,8 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, &[u8]), ProtoError> {
         length: header.length.get(),
         checksum: header.checksum.get(),
         request_id: header.request_id.get(),
+        session: header.session.get(),
+        sequence: header.sequence.get(),
     };
     request.validate()?;
     Ok((request, rest))

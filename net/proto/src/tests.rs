@@ -18,7 +18,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-// ---- golden bytes: these freeze the wire layout of protocol version 1 ----
+// ---- golden bytes: these freeze the wire layout of protocol version 2 ----
 
 #[test]
 fn request_header_golden_bytes() {
@@ -31,19 +31,22 @@ fn request_header_golden_bytes() {
         length: 0x2000,
         checksum: 0xdead_beef,
         request_id: 0x2122_2324_2526_2728,
+        session: 0x3132_3334_3536_3738,
+        sequence: 0x4142_4344_4546_4748,
     };
     let expected = concat!(
-        "54535251",                         // magic "TSRQ"
-        "0100",                             // version 1
-        "02",                               // opcode WRITE
-        "01",                               // flags FUA
-        "0807060504030201",                 // volume
-        "1817161514131211",                 // epoch
-        "0000010000000000",                 // offset 65536
-        "00200000",                         // length 8192
-        "efbeadde",                         // checksum
-        "2827262524232221",                 // request id
-        "00000000000000000000000000000000", // reserved
+        "54535251",         // magic "TSRQ"
+        "0200",             // version 2
+        "02",               // opcode WRITE
+        "01",               // flags FUA
+        "0807060504030201", // volume
+        "1817161514131211", // epoch
+        "0000010000000000", // offset 65536
+        "00200000",         // length 8192
+        "efbeadde",         // checksum
+        "2827262524232221", // request id
+        "3837363534333231", // session
+        "4847464544434241", // sequence
     );
     assert_eq!(hex(&req.encode()), expected);
     assert_eq!(parse_request(&req.encode()).unwrap().0, req);
@@ -60,7 +63,7 @@ fn reply_header_golden_bytes() {
     };
     let expected = concat!(
         "54535250",         // magic "TSRP"
-        "0100",             // version 1
+        "0200",             // version 2
         "01",               // status STALE_EPOCH
         "00",               // flags
         "0807060504030201", // epoch
@@ -455,10 +458,10 @@ fn rejects_bad_magic() {
 #[test]
 fn rejects_unsupported_version() {
     assert_eq!(
-        mutate(|b| b[4] = 2).unwrap_err(),
+        mutate(|b| b[4] = 1).unwrap_err(),
         ProtoError::UnsupportedVersion {
-            found: 2,
-            supported: 1
+            found: 1,
+            supported: 2
         }
     );
 }
@@ -517,14 +520,6 @@ fn flags_a_client_sends_never_reach_a_mirror_as_a_resync_copy() {
         }
     }
     assert_eq!(accepted, [0, 1, 2, 3, 6, 7]);
-}
-
-#[test]
-fn rejects_reserved_bytes() {
-    assert_eq!(
-        mutate(|b| b[63] = 1).unwrap_err(),
-        ProtoError::ReservedNotZero
-    );
 }
 
 #[test]
@@ -755,6 +750,8 @@ fn arb_request() -> impl Strategy<Value = Request> {
                 length,
                 checksum: if opcode.carries_payload() { sum } else { 0 },
                 request_id: id,
+                session: id.rotate_left(7),
+                sequence: id.rotate_left(13),
             }
         })
 }

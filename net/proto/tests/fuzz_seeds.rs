@@ -1,6 +1,7 @@
 //! The fuzz seed corpus was written by an independent (Python) encoder: every
 //! seed must parse, which cross-checks the byte layout of the data protocol
-//! (version 1) and of management frames (version 2; the seeds hold
+//! (version 2: the request's last 16 bytes became the session and
+//! sequence, zero in these seeds) and of management frames (version 2; the seeds hold
 //! messages whose body did not change with it).
 #![allow(clippy::unwrap_used)]
 
