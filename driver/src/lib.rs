@@ -141,9 +141,9 @@ impl Client {
         Ok(client)
     }
 
-    /// Learn the boot id of the process behind `conn`, once per connection.
-    async fn learn_boot(&self, conn: &PeerConnection) {
-        let addr = conn.remote_address();
+    /// Learn the boot id of the process behind `conn` (to `addr`), once per
+    /// connection. Cheap when known: no call into the connection's state.
+    async fn learn_boot(&self, conn: &PeerConnection, addr: SocketAddr) {
         if self
             .lock_boots()
             .get(&addr)
@@ -518,7 +518,7 @@ impl VolumeInner {
             .await;
             let conn = match connected {
                 Ok(Ok(conn)) => {
-                    self.client.learn_boot(&conn).await;
+                    self.client.learn_boot(&conn, primary.addr).await;
                     conn
                 }
                 Ok(Err(e)) => {
