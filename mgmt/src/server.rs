@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::db::Db;
 use crate::error::MgmtError;
 use crate::monitor::{Liveness, mirror_status};
-use crate::state::{ClusterState, Command, Outcome, VolumeRecord};
+use crate::state::{ClusterState, Command, Outcome, ReplicaRecord, VolumeRecord};
 
 /// Settings of `tessera mgmt`; the file is TOML, command-line flags override it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +439,14 @@ impl Manager {
     /// may be gone (the primary's bits name them), and until then no one is
     /// told it is in sync.
     async fn resync_mirrors_of(&mut self, server: &str) {
+        let due = self
+            .mirrors_where(|mirror| mirror.server == server && mirror.state == MirrorState::InSync);
+        self.start_resync(due, "mirror restarted: resyncing").await;
+    }
+
+    /// The mirrors `pick` chooses among the partitions whose primary is up
+    /// and in sync (the only ones a mirror can be copied from).
+    fn mirrors_where(&self, pick: impl Fn(&ReplicaRecord) -> bool) -> Vec<(String, u64, String)> {
         let up = |name: &str| self.state.servers.get(name).is_some_and(|s| s.up);
         let mut due = Vec::new();
         for (name, volume) in &self.state.volumes {
@@ -446,27 +454,25 @@ impl Manager {
                 let Some(primary) = p.replicas.first() else {
                     continue;
                 };
-                if primary.server == server
-                    || primary.state != MirrorState::InSync
-                    || !up(&primary.server)
-                {
+                if primary.state != MirrorState::InSync || !up(&primary.server) {
                     continue;
                 }
-                if p.replicas
-                    .iter()
-                    .skip(1)
-                    .any(|r| r.server == server && r.state == MirrorState::InSync)
-                {
-                    due.push((name.clone(), p.first_page));
+                for r in p.replicas.iter().skip(1).filter(|r| pick(r)) {
+                    due.push((name.clone(), p.first_page, r.server.clone()));
                 }
             }
         }
-        for (volume, first_page) in due {
-            info!(%volume, first_page, mirror = %server, "mirror restarted: resyncing");
+        due
+    }
+
+    /// Put each of `due` (volume, first page, mirror) into `Resyncing`.
+    async fn start_resync(&mut self, due: Vec<(String, u64, String)>, why: &str) {
+        for (volume, first_page, server) in due {
+            info!(%volume, first_page, mirror = %server, "{why}");
             let command = Command::SetMirrorState {
                 volume,
                 first_page,
-                server: server.to_string(),
+                server,
                 state: MirrorState::Resyncing,
             };
             if let Err(refusal) = self.execute(command).await {
@@ -1034,34 +1040,10 @@ impl Manager {
             })
         };
         let up = |name: &str| self.state.servers.get(name).is_some_and(|s| s.up);
-        let mut due = Vec::new();
-        for (name, volume) in &self.state.volumes {
-            for p in &volume.partitions {
-                let Some(primary) = p.replicas.first() else {
-                    continue;
-                };
-                if primary.state != MirrorState::InSync || !up(&primary.server) {
-                    continue;
-                }
-                for r in p.replicas.iter().skip(1) {
-                    if r.state == MirrorState::OutOfSync && up(&r.server) && fresh(&r.server) {
-                        due.push((name.clone(), p.first_page, r.server.clone()));
-                    }
-                }
-            }
-        }
-        for (volume, first_page, server) in due {
-            info!(%volume, first_page, mirror = %server, "mirror is back: resyncing");
-            let command = Command::SetMirrorState {
-                volume,
-                first_page,
-                server,
-                state: MirrorState::Resyncing,
-            };
-            if let Err(refusal) = self.execute(command).await {
-                debug!(%refusal, "resync not started");
-            }
-        }
+        let due = self.mirrors_where(|mirror| {
+            mirror.state == MirrorState::OutOfSync && up(&mirror.server) && fresh(&mirror.server)
+        });
+        self.start_resync(due, "mirror is back: resyncing").await;
     }
 
     async fn check_heartbeats(&mut self) {

@@ -479,6 +479,18 @@ impl ClusterState {
                         "{server} is the primary of {name} pages {first_page}..: it holds every acknowledged write"
                     )));
                 }
+                // A mirror is copied from its primary: while the primary
+                // itself may lack writes, no mirror can be (or become) in sync.
+                if let Some(primary) = partition.replicas.first()
+                    && &primary.server != server
+                    && primary.state != MirrorState::InSync
+                    && *state != MirrorState::OutOfSync
+                {
+                    return Err(invalid(format!(
+                        "the primary {} of {name} pages {first_page}.. is out of sync: {server} cannot be {state:?}",
+                        primary.server
+                    )));
+                }
                 let replica = partition
                     .replicas
                     .iter_mut()

@@ -386,6 +386,40 @@ fn the_primary_cannot_be_marked_out_of_sync() {
 }
 
 #[test]
+fn no_mirror_is_in_sync_while_its_primary_is_not() {
+    let mut s = three_servers();
+    s.apply(&create("v", MIB, 3)).unwrap();
+    let names: Vec<String> = replicas(&s, "v").into_iter().map(|(n, _)| n).collect();
+    // Every copy out of sync: the primary's disk wiped, the others lost.
+    for name in &names[1..] {
+        s.apply(&Command::MarkServer {
+            name: name.clone(),
+            up: false,
+        })
+        .unwrap();
+    }
+    s.apply(&Command::RegisterServer {
+        name: names[0].clone(),
+        data_addr: "127.0.0.1:9".parse().unwrap(),
+        capacity: 1 << 30,
+        incarnation: 99,
+    })
+    .unwrap();
+    assert_eq!(replicas(&s, "v")[0].1, MirrorState::OutOfSync);
+    for state in [MirrorState::InSync, MirrorState::Resyncing] {
+        let err = s
+            .apply(&Command::SetMirrorState {
+                volume: "v".into(),
+                first_page: 0,
+                server: names[2].clone(),
+                state,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("is out of sync"), "{err}");
+    }
+}
+
+#[test]
 fn shrink_truncates_partitions() {
     let mut s = three_servers();
     s.apply(&create("db", 9 * MIB, 1)).unwrap();
