@@ -231,18 +231,6 @@ async fn a_server_back_within_seconds_is_used_at_once() {
     assert_eq!(read, pattern(2, 4096));
 }
 
-fn admin_cli(cluster: &TestCluster, mgmt: &MgmtProc, args: &[&str]) -> std::process::Output {
-    cluster.issue(Role::Admin, "admin");
-    tessera()
-        .args(args)
-        .arg("--mgmt")
-        .arg(mgmt.addr.to_string())
-        .arg("--cluster-dir")
-        .arg(cluster.dir.path())
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_wait_after_a_restart_waits_for_the_new_process() {
     let (cluster, mgmt, mut servers) = three_servers(HEARTBEAT_TIMEOUT_MS, "256M").await;

@@ -249,19 +249,6 @@ async fn check_acked(volume: &Volume, acked: &HashMap<u64, u64>) {
     }
 }
 
-/// Run an admin command of the `tessera` binary against `mgmt`.
-fn admin_cli(cluster: &TestCluster, mgmt: &MgmtProc, args: &[&str]) -> std::process::Output {
-    cluster.issue(Role::Admin, "admin");
-    tessera()
-        .args(args)
-        .arg("--mgmt")
-        .arg(mgmt.addr.to_string())
-        .arg("--cluster-dir")
-        .arg(cluster.dir.path())
-        .output()
-        .unwrap()
-}
-
 /// `tessera volume verify`: every replica holds the same bytes.
 fn verify(cluster: &TestCluster, mgmt: &MgmtProc, volume: &str) {
     let out = admin_cli(cluster, mgmt, &["volume", "verify", volume, "--json"]);

@@ -74,6 +74,19 @@ pub fn tessera() -> Command {
     cmd
 }
 
+/// Run the admin CLI (`tessera ARGS --mgmt ... --cluster-dir ...`) as `admin`.
+pub fn admin_cli(cluster: &TestCluster, mgmt: &MgmtProc, args: &[&str]) -> std::process::Output {
+    cluster.issue(Role::Admin, "admin");
+    tessera()
+        .args(args)
+        .arg("--mgmt")
+        .arg(mgmt.addr.to_string())
+        .arg("--cluster-dir")
+        .arg(cluster.dir.path())
+        .output()
+        .unwrap()
+}
+
 /// Spawn `tessera` with `args`, wait for its "serving on ADDR" line.
 pub fn spawn_server(args: &[std::ffi::OsString], log: &Path) -> Result<(Child, String), String> {
     spawn_server_with_output(args, log).map(|(child, addr, _)| (child, addr))
